@@ -1,0 +1,1 @@
+"""Command-line front ends: soci, soci-snapshotter-grpc, mount.fuse.soci."""

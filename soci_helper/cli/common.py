@@ -1,0 +1,60 @@
+"""What every front end shares: default paths, logging set-up, and turning failures into one line."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from ..errors import SociError
+
+SYSTEM_ROOT = "/var/lib/soci-snapshotter-grpc"
+
+
+def default_root() -> str:
+    if os.geteuid() == 0:
+        return SYSTEM_ROOT
+    import platformdirs
+
+    return platformdirs.user_data_dir("soci-snapshotter-grpc")
+
+
+def configure_logging(level: str) -> None:
+    """One line per event on stderr, with level and logger, for operators."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_main(prog: str, body: Callable[[], int]) -> int:
+    """Run `body`; every failure becomes `prog: error: ...` on stderr and a non-zero exit."""
+    debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+    try:
+        return body()
+    except SociError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); not an error worth a message.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        except OSError:
+            pass
+        return 1
+    except OSError as exc:
+        what = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error: {what}{where}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - last resort so users never see a traceback
+        if debug:
+            logging.getLogger(prog).exception("internal error")
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
+        return 70

@@ -1,0 +1,1 @@
+"""SOCI indexes: building (create, convert), serializing and finding them."""

@@ -1,0 +1,1 @@
+"""OCI images: references, descriptors, manifests, platforms, sources and the registry client."""

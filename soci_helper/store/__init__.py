@@ -1,0 +1,1 @@
+"""Local store: content blobs under named file locks, and the artifacts database."""

@@ -1,0 +1,1 @@
+"""zTOC: tar table of contents, gzip checkpoints and their flatbuffer codec."""

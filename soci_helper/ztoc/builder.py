@@ -1,0 +1,54 @@
+"""Builds a zTOC from a layer stream in one pass: checkpoints, span digests and tar TOC together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from ..errors import LayerError
+from .gzip_index import GzipIndexer, TarIndexer
+from .model import CompressionAlgorithm, Ztoc
+from .tar_toc import TarTocParser
+
+GZIP = "gzip"
+UNCOMPRESSED = "uncompressed"
+
+
+def build_ztoc(
+    chunks: Iterable[bytes | bytearray | memoryview],
+    compression: str,
+    span_size: int,
+    build_tool: str,
+    progress: Callable[[int], None] | None = None,
+) -> Ztoc:
+    """Index one layer. `chunks` is the layer blob as stored (compressed); never held whole.
+
+    `progress` is called with the number of compressed bytes consumed after each chunk.
+    """
+    if span_size <= 0:
+        raise LayerError(f"span size must be positive, got {span_size}")
+    if compression == GZIP:
+        indexer: GzipIndexer | TarIndexer = GzipIndexer(span_size)
+        algorithm = CompressionAlgorithm.GZIP
+    elif compression == UNCOMPRESSED:
+        indexer = TarIndexer(span_size)
+        algorithm = CompressionAlgorithm.UNCOMPRESSED
+    else:
+        raise LayerError(f"cannot index {compression} layers")
+    toc = TarTocParser()
+    for chunk in chunks:
+        for out in indexer.feed(chunk):
+            toc.feed(out)
+        if progress is not None:
+            progress(len(chunk))
+    result = indexer.finish()
+    parsed = toc.finish()
+    return Ztoc(
+        build_tool_identifier=build_tool,
+        compressed_archive_size=result.compressed_size,
+        uncompressed_archive_size=parsed.uncompressed_archive_size,
+        files=parsed.files,
+        compression_algorithm=algorithm,
+        max_span_id=result.num_spans - 1,
+        span_digests=result.span_digests,
+        checkpoints=result.checkpoints,
+    )

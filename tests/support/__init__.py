@@ -1,0 +1,1 @@
+"""Test support: real registries, layers and images built by the tests."""
