@@ -15,6 +15,11 @@ _GROW = 4 << 20
 
 Reader = Callable[[int, int], bytes]
 
+# A fresh, not yet shared bytes object of a given size that inflate may fill in place.
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+
 
 def _pin(data: bytes | bytearray | memoryview) -> tuple[int, object]:
     """Address of the bytes and the object that keeps them alive (copying only read-only views)."""
@@ -46,20 +51,30 @@ def _inflate_span(zinfo: GzipZinfo, span_id: int, compressed: bytes | bytearray 
             n -= 1
         win = bytes(zinfo.window(span_id))
         be.set_dictionary(ref, ctypes.c_char_p(win), WINDOW_SIZE)
-        cap = want if want is not None else _GROW
-        out = bytearray(cap)
-        out_arr = (ctypes.c_char * cap).from_buffer(out)
+        if want is not None and want > 1:
+            # Inflate straight into the bytes object we return: no zero-fill, no final copy.
+            # (Sizes 0 and 1 could be interpreter-shared singletons, hence the bytearray below.)
+            result: bytes | bytearray = _new_bytes(None, want)
+            out_addr = ctypes.cast(ctypes.c_char_p(result), ctypes.c_void_p).value or 0
+            cap = want
+        elif want is not None:
+            result = bytearray(want)
+            cap = want
+            out_addr = ctypes.addressof((ctypes.c_char * cap).from_buffer(result))
+        else:
+            result = bytearray(_GROW)
+            cap = _GROW
+            out_addr = ctypes.addressof((ctypes.c_char * cap).from_buffer(result))
         got = 0
         strm.next_in = addr
         strm.avail_in = n
         raw = True
         while want is None or got < want:
             if got == cap:
-                del out_arr
                 cap += _GROW
-                out.extend(bytes(_GROW))
-                out_arr = (ctypes.c_char * cap).from_buffer(out)
-            strm.next_out = ctypes.addressof(out_arr) + got
+                result.extend(bytes(_GROW))  # type: ignore[union-attr]
+                out_addr = ctypes.addressof((ctypes.c_char * cap).from_buffer(result))
+            strm.next_out = out_addr + got
             strm.avail_out = cap - got
             before = strm.avail_out
             ret = be.inflate(ref, zi.Z_NO_FLUSH)
@@ -78,17 +93,16 @@ def _inflate_span(zinfo: GzipZinfo, span_id: int, compressed: bytes | bytearray 
                 raw = False
                 continue
             if ret == zi.Z_BUF_ERROR or (ret == zi.Z_OK and strm.avail_in == 0 and strm.avail_out):
-                if want is None:
-                    break
-                raise LayerError(f"span {span_id}: compressed data ends after {got} of {want} bytes")
+                break
             if ret != zi.Z_OK:
                 why = strm.msg.decode("ascii", "replace") if strm.msg else f"inflate error {ret}"
                 raise LayerError(f"span {span_id}: corrupt compressed data ({why})")
-        del out_arr
     del keep
-    if want is not None and got < want:
-        raise LayerError(f"span {span_id}: compressed data ends after {got} of {want} bytes")
-    return bytes(out) if got == len(out) else bytes(memoryview(out)[:got])
+    if want is not None:
+        if got < want:
+            raise LayerError(f"span {span_id}: compressed data ends after {got} of {want} bytes")
+        return result if isinstance(result, bytes) else bytes(result)
+    return bytes(memoryview(result)[:got])
 
 
 def extract_span(zinfo: GzipZinfo | TarZinfo, span_id: int, compressed: bytes | bytearray | memoryview,
