@@ -36,7 +36,8 @@ def build_ztoc(
         raise LayerError(f"cannot index {compression} layers")
     toc = TarTocParser()
     for chunk in chunks:
-        for out in indexer.feed(chunk):
+        # feed_iter bounds what a highly compressible chunk can inflate to at once.
+        for out in indexer.feed_iter(chunk):
             toc.feed(out)
         if progress is not None:
             progress(len(chunk))

@@ -214,6 +214,10 @@ class TarIndexer:
         self._digests: list[str] = []
         self._finished = False
 
+    def feed_iter(self, data: bytes | bytearray | memoryview) -> Iterator[bytes | memoryview]:
+        """Same as feed(): an uncompressed layer yields its input unchanged."""
+        return iter(self.feed(data))
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
         if self._finished:
             raise ValueError("feed after finish")
