@@ -9,18 +9,33 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
 START_TIMEOUT = 20.0
+
+# One combined-log-format line: 127.0.0.1 - - [date] "GET /v2/... HTTP/1.1" 206 1234 "referer" "agent"
+_ACCESS_RE = re.compile(
+    r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) (?P<size>\d+|-)'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessEntry:
+    method: str
+    path: str
+    status: int
+    size: int
 
 
 class RegistryStartError(RuntimeError):
@@ -168,7 +183,7 @@ class LocalRegistry:
             "log:",
             "  level: warn",
             "  accesslog:",
-            "    disabled: true",
+            "    disabled: false",
             "storage:",
             "  filesystem:",
             f"    rootdirectory: {self.dir / 'storage'}",
@@ -214,6 +229,23 @@ class LocalRegistry:
                 pass
             time.sleep(0.05)
         raise RegistryStartError(f"docker-registry not ready after {START_TIMEOUT}s: {self.log_tail()}")
+
+    def access_log(self) -> list[AccessEntry]:
+        """Every request the registry has answered so far, parsed from its combined-format access log."""
+        try:
+            text = self._log.read_text(errors="replace") if self._log else ""
+        except OSError:
+            return []
+        out = []
+        for m in _ACCESS_RE.finditer(text):
+            size = m.group("size")
+            out.append(AccessEntry(m.group("method"), m.group("path"), int(m.group("status")),
+                                   int(size) if size.isdigit() else 0))
+        return out
+
+    def bytes_served(self, path_part: str = "/blobs/") -> int:
+        """Body bytes sent for requests whose path contains `path_part` (blob bytes by default)."""
+        return sum(e.size for e in self.access_log() if path_part in e.path)
 
     def log_tail(self, n: int = 2000) -> str:
         try:
