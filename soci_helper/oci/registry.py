@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import threading
@@ -510,6 +511,101 @@ class RegistryClient:
                 f"registry {self.display}: {what}: registry computed digest {got}, ours {d.digest}"
             )
         return d
+
+
+    def delete_manifest(self, repo: str, digest: str) -> None:
+        """DELETE a manifest by digest (registries refuse deleting by tag); NotFound if absent."""
+        _digest.validate(digest)
+        what = f"manifest delete {repo}@{digest}"
+        r = self._request("DELETE", f"/v2/{repo}/manifests/{digest}",
+                          scope=f"repository:{repo}:delete", what=what)
+        r.close()
+        if r.status_code not in (200, 202, 204):
+            raise self._error(r, what)
+
+    def list_tags(self, repo: str, page_size: int = 1000) -> list[str]:
+        """Every tag of `repo`, following `Link: <...>; rel="next"` pagination (`?n=` page size)."""
+        what = f"tag list {repo}"
+        url: str | None = f"/v2/{repo}/tags/list?" + urlencode({"n": page_size})
+        tags: list[str] = []
+        seen: set[str] = set()
+        while url:
+            if url in seen:  # a registry pointing back at a page it already sent
+                break
+            seen.add(url)
+            r = self._request("GET", url, scope=self._scope(repo), what=what,
+                              headers={"Accept": "application/json"})
+            if r.status_code == 404:
+                r.close()
+                # distribution answers NAME_UNKNOWN for a repository that has no tags yet.
+                return tags
+            if r.status_code != 200:
+                raise self._error(r, what)
+            try:
+                body = r.json()
+            except ValueError:
+                raise RegistryError(f"registry {self.display}: {what}: invalid JSON") from None
+            finally:
+                r.close()
+            page = body.get("tags") if isinstance(body, dict) else None
+            if isinstance(page, list):
+                tags.extend(t for t in page if isinstance(t, str))
+            nxt = _next_link(r.headers.get("Link", ""))
+            url = urljoin(r.url, nxt) if nxt else None
+        return tags
+
+    def get_referrers(self, repo: str, digest: str, artifact_type: str | None = None) -> bytes | None:
+        """The referrers API's image index for `digest`, or None when the registry has no such API.
+
+        None covers 404/405 and any answer that is not an OCI image index (some
+        registries route the unknown path to a generic handler).
+        """
+        _digest.validate(digest)
+        what = f"referrers {repo}@{digest}"
+        url = f"/v2/{repo}/referrers/{digest}"
+        if artifact_type:
+            url += "?" + urlencode({"artifactType": artifact_type})
+        r = self._request("GET", url, scope=self._scope(repo), what=what,
+                          headers={"Accept": mt.OCI_INDEX}, stream=True)
+        try:
+            if r.status_code in (404, 405, 400):
+                return None
+            if r.status_code != 200:
+                raise self._error(r, what)
+            data = self._read_limited(r, what)
+        finally:
+            r.close()
+        ctype = mt.base_type(r.headers.get("Content-Type", ""))
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict) or not isinstance(obj.get("manifests"), list):
+            return None
+        if ctype and ctype != mt.OCI_INDEX and obj.get("mediaType") != mt.OCI_INDEX:
+            return None
+        return data
+
+    def _read_limited(self, r: requests.Response, what: str) -> bytes:
+        buf = bytearray()
+        try:
+            for chunk in r.iter_content(CHUNK):
+                buf += chunk
+                if len(buf) > MAX_MANIFEST_BYTES:
+                    raise RegistryError(
+                        f"registry {self.display}: {what}: larger than {MAX_MANIFEST_BYTES} bytes"
+                    )
+        except requests.RequestException as e:
+            raise self._conn_error(e, self.display) from None
+        return bytes(buf)
+
+
+_LINK_RE = re.compile(r'<([^>]*)>\s*;[^,]*rel="?next"?')
+
+
+def _next_link(header: str) -> str | None:
+    m = _LINK_RE.search(header)
+    return m.group(1) if m else None
 
 
 _clients: dict[tuple[str, RegistryOptions], RegistryClient] = {}
