@@ -63,13 +63,20 @@ def run(workdir: Path) -> None:
         regular = [f for f in info["files"] if f["type"] == "reg" and f["size"] > 10000]
         pick = regular[len(regular) // 2]
         out = workdir / "extracted"
+        served_before = reg.bytes_served()
         _soci(root, "ztoc", "get-file", "--plain-http", ztoc, pick["filename"], "-o", str(out))
+        fetched = reg.bytes_served() - served_before
+        layer_size = max(p.stat().st_size for p in (workdir / "layout" / "blobs" / "sha256").iterdir())
         want = hashlib.sha256(Path("/", pick["filename"]).read_bytes()).hexdigest()
         got = hashlib.sha256(out.read_bytes()).hexdigest()
         spans = pick["end_span"] - pick["start_span"] + 1
         print(
             f"get-file {pick['filename']}: {pick['size']} bytes from {spans} of {info['num_spans']} spans "
             f"through HTTP Range requests; sha256 {'matches' if got == want else 'DIFFERS from'} the original"
+        )
+        print(
+            f"registry served {fetched / 1e6:.2f} MB for it, {fetched / layer_size:.1%} of the "
+            f"{layer_size / 1e6:.1f} MB layer blob"
         )
         if got != want:
             raise SystemExit("demo: extracted file differs from the original")
