@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -9,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 from ..errors import SociError
+from ..oci.source import SourceOptions
 
 SYSTEM_ROOT = "/var/lib/soci-snapshotter-grpc"
 
@@ -58,3 +60,33 @@ def run_main(prog: str, body: Callable[[], int]) -> int:
             logging.getLogger(prog).exception("internal error")
         print(f"{prog}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
         return 70
+
+
+def add_registry_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("registry")
+    g.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to the registry")
+    g.add_argument("-k", "--skip-verify", action="store_true", help="do not verify the registry's certificate")
+    g.add_argument("-u", "--user", metavar="USER[:PASSWORD]", help="registry credentials")
+    g.add_argument("--tlscacert", metavar="FILE", help="CA certificate to verify the registry with")
+
+
+def add_platform_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--platform", action="append", default=[], help="platform(s) to index (os/arch[/variant])")
+    p.add_argument("--all-platforms", action="store_true", help="index every platform of a multi-platform image")
+
+
+def source_options(args: argparse.Namespace) -> SourceOptions:
+    user = args.user
+    if user and ":" not in user:
+        # Asking on the terminal keeps the password out of argv and shell history.
+        import getpass
+
+        user = f"{user}:{getpass.getpass(f'password for {user}: ')}"
+    return SourceOptions(
+        plain_http=args.plain_http,
+        skip_verify=args.skip_verify,
+        ca_file=args.tlscacert,
+        user=user,
+        platform=",".join(getattr(args, "platform", []) or []) or None,
+        all_platforms=getattr(args, "all_platforms", False),
+    )

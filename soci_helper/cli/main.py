@@ -16,28 +16,16 @@ from ..index import ops
 from ..index import soci_index as si
 from ..index.build import BuildOptions, IndexBuilder
 from ..index.convert import convert
-from ..oci.source import SourceOptions, open_source, select_images
+from ..oci.source import open_source, select_images
 from ..store.artifacts import TYPE_INDEX, TYPE_ZTOC
 from ..ztoc.info import describe
 from ..ztoc.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 from ..ztoc.reader import LayerReader
-from .common import configure_logging, default_root, run_main
+from .common import add_platform_flags, add_registry_flags, configure_logging, default_root, run_main, source_options
 from .progress import Progress
+from .push import add_index_pull_parser, add_push_parser
 
 log = logging.getLogger("soci")
-
-
-def _add_registry_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("registry")
-    g.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to the registry")
-    g.add_argument("-k", "--skip-verify", action="store_true", help="do not verify the registry's certificate")
-    g.add_argument("-u", "--user", metavar="USER[:PASSWORD]", help="registry credentials")
-    g.add_argument("--tlscacert", metavar="FILE", help="CA certificate to verify the registry with")
-
-
-def _add_platform_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-p", "--platform", action="append", default=[], help="platform(s) to index (os/arch[/variant])")
-    p.add_argument("--all-platforms", action="store_true", help="index every platform of a multi-platform image")
 
 
 def _add_build_flags(p: argparse.ArgumentParser) -> None:
@@ -46,23 +34,6 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
         "--min-layer-size", type=int, default=DEFAULT_MIN_LAYER_SIZE, help="layers smaller than this get no zTOC"
     )
     p.add_argument("-f", "--force", action="store_true", help="rebuild zTOCs that already exist")
-
-
-def _source_options(args: argparse.Namespace) -> SourceOptions:
-    user = args.user
-    if user and ":" not in user:
-        # Asking on the terminal keeps the password out of argv and shell history.
-        import getpass
-
-        user = f"{user}:{getpass.getpass(f'password for {user}: ')}"
-    return SourceOptions(
-        plain_http=args.plain_http,
-        skip_verify=args.skip_verify,
-        ca_file=args.tlscacert,
-        user=user,
-        platform=",".join(getattr(args, "platform", []) or []) or None,
-        all_platforms=getattr(args, "all_platforms", False),
-    )
 
 
 def _build_options(args: argparse.Namespace, artifact_type: str) -> BuildOptions:
@@ -95,7 +66,7 @@ class _LayerBars:
 
 
 def cmd_create(args: argparse.Namespace, store: ops.Store) -> int:
-    opts = _source_options(args)
+    opts = source_options(args)
     source = open_source(args.image, opts)
     images = select_images(source, opts)
     builder = IndexBuilder(store.content, store.db, _build_options(args, si.ARTIFACT_TYPE_V1))
@@ -113,7 +84,7 @@ def cmd_create(args: argparse.Namespace, store: ops.Store) -> int:
 
 
 def cmd_convert(args: argparse.Namespace, store: ops.Store) -> int:
-    opts = _source_options(args)
+    opts = source_options(args)
     bars = _LayerBars()
 
     def on_layer(res) -> None:  # type: ignore[no-untyped-def]
@@ -202,7 +173,7 @@ def cmd_ztoc_info(args: argparse.Namespace, store: ops.Store) -> int:
 def cmd_ztoc_get_file(args: argparse.Namespace, store: ops.Store) -> int:
     digest = store.resolve_digest(args.digest, TYPE_ZTOC)
     ztoc = store.load_ztoc(digest)
-    fetch = ops.layer_fetcher(store, digest, args.image, _source_options(args))
+    fetch = ops.layer_fetcher(store, digest, args.image, source_options(args))
     data = LayerReader(ztoc, fetch, f"layer of ztoc {digest}").read_file(args.path)
     if args.output:
         tmp = args.output + ".tmp"
@@ -235,17 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create", help="build zTOCs and a SOCI index (v1) for an image into the local store")
     c.add_argument("image", metavar="IMAGE")
     _add_build_flags(c)
-    _add_platform_flags(c)
-    _add_registry_flags(c)
+    add_platform_flags(c)
+    add_registry_flags(c)
     c.set_defaults(func=cmd_create)
 
     c = sub.add_parser("convert", help="build a SOCI-enabled image (index v2) from SRC and write it to DST")
     c.add_argument("source", metavar="SRC")
     c.add_argument("dest", metavar="DST")
     _add_build_flags(c)
-    _add_platform_flags(c)
-    _add_registry_flags(c)
+    add_platform_flags(c)
+    add_registry_flags(c)
     c.set_defaults(func=cmd_convert)
+
+    add_push_parser(sub)
 
     idx = sub.add_parser("index", help="manage SOCI indexes in the local store")
     isub = idx.add_subparsers(dest="index_command", metavar="COMMAND", required=True)
@@ -260,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = isub.add_parser("rm", aliases=["remove"], help="remove indexes and the zTOCs only they use")
     c.add_argument("digests", metavar="DIGEST", nargs="+")
     c.set_defaults(func=cmd_index_rm)
+    add_index_pull_parser(isub)
 
     zt = sub.add_parser("ztoc", help="inspect zTOCs in the local store")
     zsub = zt.add_subparsers(dest="ztoc_command", metavar="COMMAND", required=True)
@@ -277,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="write to FILE instead of stdout")
     c.add_argument("--image", help="image (registry, oci:DIR, oci-archive:FILE) holding the layer; "
                    "default: where the zTOC was built from")
-    _add_registry_flags(c)
+    add_registry_flags(c)
     c.set_defaults(func=cmd_ztoc_get_file)
 
     c = sub.add_parser("rebuild-db", help="rebuild the artifacts database from the blobs in the store")
