@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from typing import Any
 
 from ..errors import ReferenceError_
 from .reference import DOCKER_HUB, normalize_registry_host
+
+log = logging.getLogger(__name__)
 
 # The key docker login writes for Docker Hub.
 DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
@@ -41,11 +44,25 @@ _helper_runner: HelperRunner | None = None
 def set_helper_runner(runner: HelperRunner | None) -> None:
     """Install the function that runs docker credential helpers (credHelpers / credsStore).
 
-    Until one is installed, helper entries in the docker config are skipped and
-    the plain `auths` entries are used.
+    Until one is installed, `docker-credential-<name> get` is run from PATH
+    (see credhelper); a helper that is missing or fails is skipped and the
+    plain `auths` entries are used.
     """
     global _helper_runner
     _helper_runner = runner
+
+
+def _run_helper(name: str, server: str) -> Credentials | None:
+    """The installed runner, else the built-in shell-out; a failing helper falls back to `auths`."""
+    if _helper_runner is not None:
+        return _helper_runner(name, server)
+    from .credhelper import CredentialHelperError, run_helper
+
+    try:
+        return run_helper(name, server)
+    except CredentialHelperError as e:
+        log.warning("%s; using the config's auths entry if there is one", e)
+        return None
 
 
 def parse_user(text: str) -> Credentials:
@@ -132,8 +149,8 @@ def lookup_credentials(host: str, config: Mapping[str, Any] | None = None) -> Cr
     cfg = load_docker_config() if config is None else config
     want = normalize_registry_host(host)
     helper = _helper_for(cfg, want)
-    if helper is not None and _helper_runner is not None:
-        creds = _helper_runner(*helper)
+    if helper is not None:
+        creds = _run_helper(*helper)
         if creds is not None:
             return creds
     auths = cfg.get("auths")

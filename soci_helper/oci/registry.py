@@ -1,58 +1,117 @@
-"""OCI distribution client: auth challenges, manifests, blobs, byte ranges and uploads over requests."""
+"""OCI distribution client: auth, retries, mirrors, manifests, blobs, byte ranges, uploads, tags, referrers."""
 
 from __future__ import annotations
 
 import base64
+import bisect
+import concurrent.futures
 import json
+import logging
 import os
 import re
 import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
+import requests.adapters
 import requests.auth
 import urllib3
 
 from .. import digest as _digest
+from ..config import Config
 from ..errors import DigestError, NotFound, RegistryError
 from . import mediatype as mt
 from .auth import Credentials
 from .manifest import Descriptor, detect_media_type
+from .mirrors import Mirror, mirrors_for
 from .reference import DOCKER_HUB, DOCKER_HUB_API
+from .retry import RETRY_STATUSES, RetryPolicy, parse_retry_after
 
-CHUNK = 1 << 20
+log = logging.getLogger(__name__)
+
+# Big reads: per-call Python overhead then vanishes next to the copy itself.
+CHUNK = 4 << 20
 DEFAULT_TIMEOUT = (10.0, 120.0)  # (connect, read) seconds
 # Manifests are small; a registry sending more is broken or hostile.
 MAX_MANIFEST_BYTES = 4 << 20
+# Blobs at least this big are uploaded in PATCH chunks of UPLOAD_CHUNK bytes.
+CHUNKED_UPLOAD_THRESHOLD = 256 << 20
+UPLOAD_CHUNK = 32 << 20
+# How often a whole blob is fetched again when its bytes arrive corrupted.
+DIGEST_RETRIES = 2
 _USER_AGENT = "soci-helper/0.1"
+_POOL_SIZE = 32
 
 
 @dataclass(frozen=True)
 class RegistryOptions:
+    """How to talk to one registry host. Hashable: clients are shared per (host, options)."""
+
     plain_http: bool = False
     skip_verify: bool = False
     ca_file: str | None = None
     credentials: Credentials | None = None
-    timeout: tuple[float, float] = DEFAULT_TIMEOUT
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT  # (connect, read between bytes)
+    # Deadline of one request with its body, for everything but whole-blob streams
+    # (a multi-GB layer legitimately takes longer); None means no deadline.
+    request_timeout: float | None = None
+    retry: RetryPolicy = RetryPolicy()
+    mirrors: tuple[Mirror, ...] = ()
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    chunked_upload_threshold: int = CHUNKED_UPLOAD_THRESHOLD
+    upload_chunk_size: int = UPLOAD_CHUNK
+
+    @classmethod
+    def from_config(cls, cfg: Config, host: str, *, plain_http: bool = False, skip_verify: bool = False,
+                    ca_file: str | None = None, credentials: Credentials | None = None,
+                    ) -> RegistryOptions:
+        """Options from config.toml's [http] (retries, timeouts) and `host`'s mirrors."""
+        h = cfg.http
+        return cls(
+            plain_http=plain_http, skip_verify=skip_verify, ca_file=ca_file, credentials=credentials,
+            timeout=(h.DialTimeoutMsec / 1000.0, h.ResponseHeaderTimeoutMsec / 1000.0),
+            request_timeout=(h.RequestTimeoutMsec / 1000.0) or None,
+            retry=RetryPolicy(max(0, h.MaxRetries), h.MinWaitMsec / 1000.0, h.MaxWaitMsec / 1000.0),
+            mirrors=mirrors_for(cfg, host),
+        )
 
 
-_TRANSFER_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
+_TRANSFER_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError,
+                    TimeoutError)
 
 
-def _raw_chunks(r: requests.Response) -> Iterator[bytes]:
-    # Blob bytes exactly as sent: requests would undo a Content-Encoding and
-    # the digest would then be taken over different bytes.
-    yield from r.raw.stream(CHUNK, decode_content=False)
+class _Transient(RegistryError):
+    """A failure worth retrying (connection, timeout, truncation, 5xx, 429); internal."""
+
+    def __init__(self, msg: str, retry_after: float | None = None) -> None:
+        super().__init__(msg)
+        self.retry_after = retry_after
+        self.progress = 0  # bytes of a range already in the buffer when this happened
+
+
+class _Session(requests.Session):
+    """A Session whose redirects never gain credentials.
+
+    requests drops Authorization when a redirect changes host, but then adds
+    ~/.netrc credentials for the new host; a blob-storage redirect must carry
+    only what its signed URL says.
+    """
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest,
+                     response: requests.Response) -> None:
+        if "Authorization" in prepared_request.headers and self.should_strip_auth(
+                response.request.url, prepared_request.url):
+            del prepared_request.headers["Authorization"]
 
 
 class _HeaderAuth(requests.auth.AuthBase):
-    """Sets (or deliberately leaves out) Authorization.
+    """Sets (or deliberately leaves out) Authorization on the first hop only.
 
     Passing an auth object on every request also stops requests from falling
     back to ~/.netrc, which would overwrite the header we chose.
@@ -60,6 +119,9 @@ class _HeaderAuth(requests.auth.AuthBase):
 
     def __init__(self, value: str | None) -> None:
         self.value = value
+
+    def __repr__(self) -> str:
+        return "<_HeaderAuth>"
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         if self.value:
@@ -70,6 +132,7 @@ class _HeaderAuth(requests.auth.AuthBase):
 
 
 _CHALLENGE_RE = re.compile(r'([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+_CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -83,14 +146,55 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) ranges sorted and merged where they overlap or touch; empty ones dropped."""
+    out: list[list[int]] = []
+    for off, length in sorted((o, n) for o, n in ranges if n > 0):
+        if out and off <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], off + length)
+        else:
+            out.append([off, off + length])
+    return [(a, b - a) for a, b in out]
+
+
+_hash_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_hash_lock = threading.Lock()
+
+
+def _hash_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _hash_executor
+    with _hash_lock:
+        if _hash_executor is None:
+            _hash_executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="blob-sha256")
+        return _hash_executor
+
+
 @dataclass
 class _Token:
     value: str
-    expires: float
+    expires: float  # time.monotonic() after which we fetch a new one
+
+
+def _token_lifetime(body: dict[str, Any]) -> float:
+    """Seconds a token response stays usable, from expires_in and issued_at (default 60 s)."""
+    expires_in = body.get("expires_in")
+    lifetime = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 60.0
+    issued = body.get("issued_at")
+    if isinstance(issued, str) and issued:
+        try:
+            from datetime import datetime
+
+            t = datetime.fromisoformat(issued.replace("Z", "+00:00")).timestamp()
+            # A token issued a while ago (clock skew, slow network) has less life left.
+            lifetime = min(lifetime, max(0.0, t + lifetime - time.time()))
+        except ValueError:
+            pass
+    # Renew early so a token does not expire between our check and the registry's.
+    return lifetime - 10.0 if lifetime > 20.0 else lifetime / 2
 
 
 class RegistryClient:
-    """One registry host: a reused session, its auth state and the API calls we need."""
+    """One registry host: a reused session, its auth state, its mirrors and the API calls we need."""
 
     def __init__(self, host: str, opts: RegistryOptions | None = None) -> None:
         self.host = DOCKER_HUB_API if host == DOCKER_HUB else host
@@ -98,8 +202,14 @@ class RegistryClient:
         self.opts = opts or RegistryOptions()
         scheme = "http" if self.opts.plain_http else "https"
         self.base_url = f"{scheme}://{self.host}"
-        self.session = requests.Session()
+        self.session = _Session()
+        # Retries are ours (with back-off and resume); urllib3's would hide failures from us.
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=_POOL_SIZE, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = _USER_AGENT
+        for k, v in self.opts.headers:
+            self.session.headers[k] = v
         self._lock = threading.Lock()
         self._scheme: str | None = None  # "basic" or "bearer" once a challenge was seen
         self._challenge: dict[str, str] = {}
@@ -114,8 +224,20 @@ class RegistryClient:
             self._verify = self.opts.ca_file
         else:
             self._verify = True
+        # Mirrors get no credentials: the registry's secret is not the mirror's business.
+        self.mirrors = [
+            RegistryClient(m.host, replace(self.opts, plain_http=m.plain_http, credentials=None, mirrors=(),
+                                           headers=m.headers,
+                                           request_timeout=m.request_timeout or self.opts.request_timeout))
+            for m in self.opts.mirrors
+        ]
+
+    def __repr__(self) -> str:
+        return f"<RegistryClient {self.base_url}>"
 
     def close(self) -> None:
+        for m in self.mirrors:
+            m.close()
         self.session.close()
 
     def __enter__(self) -> RegistryClient:
@@ -128,7 +250,7 @@ class RegistryClient:
 
     def _basic_value(self) -> str | None:
         c = self.opts.credentials
-        if c is None:
+        if c is None or (not c.password and c.identity_token):
             return None
         raw = f"{c.username}:{c.password}".encode()
         return "Basic " + base64.b64encode(raw).decode("ascii")
@@ -151,43 +273,55 @@ class RegistryClient:
         realm = challenge.get("realm")
         if not realm:
             raise RegistryError(f"registry {self.display}: Bearer challenge without a realm")
-        params: list[tuple[str, str]] = []
-        if challenge.get("service"):
-            params.append(("service", challenge["service"]))
-        if scope:
-            params.append(("scope", scope))
-        for s in (extra_scope or "").split(" "):
-            if s and s != scope:
-                params.append(("scope", s))
-        url = realm + ("&" if "?" in realm else "?") + urlencode(params)
-        basic = self._basic_value()
-        try:
-            r = self.session.get(url, auth=_HeaderAuth(basic), timeout=self.opts.timeout,
-                                 verify=self._verify)
-        except requests.RequestException as e:
-            raise self._conn_error(e, f"token service {urlsplit(realm).netloc}") from None
+        scopes = [s for s in scope.split(" ") if s]
+        scopes += [s for s in (extra_scope or "").split(" ") if s and s not in scopes]
+        where = f"token service {urlsplit(realm).netloc}"
+        creds = self.opts.credentials
+        service = challenge.get("service", "")
+        if creds is not None and creds.identity_token:
+            # OAuth2 refresh-token grant (what `docker login` leaves as identitytoken).
+            form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                    "client_id": "soci-helper", "service": service, "scope": " ".join(scopes)}
+            method, url, body, auth = "POST", realm, form, _HeaderAuth(None)
+        else:
+            params = ([("service", service)] if service else []) + [("scope", s) for s in scopes]
+            url = realm + (("&" if "?" in realm else "?") + urlencode(params) if params else "")
+            method, body, auth = "GET", None, _HeaderAuth(self._basic_value())
+        r = None
+        for attempt in range(self.opts.retry.max_retries + 1):
+            try:
+                r = self.session.request(method, url, data=body, auth=auth, timeout=self.opts.timeout,
+                                         verify=self._verify)
+            except requests.RequestException as e:
+                err = self._conn_error(e, where)
+                if attempt >= self.opts.retry.max_retries or not isinstance(err, _Transient):
+                    raise RegistryError(str(err)) from None
+                self._sleep(attempt, None, str(err))
+                continue
+            if r.status_code in RETRY_STATUSES and attempt < self.opts.retry.max_retries:
+                r.close()
+                self._sleep(attempt, parse_retry_after(r.headers.get("Retry-After")),
+                            f"{where} answered HTTP {r.status_code}")
+                continue
+            break
+        assert r is not None
         if r.status_code in (401, 403):
-            who = "the given credentials were refused" if basic else "anonymous access was refused"
+            who = "the given credentials were refused" if creds else "anonymous access was refused"
             raise RegistryError(
-                f"registry {self.display}: authentication failed at token service "
-                f"{urlsplit(realm).netloc} for {scope} ({who}, HTTP {r.status_code})"
+                f"registry {self.display}: authentication failed at {where} "
+                f"for {' '.join(scopes) or 'the registry'} ({who}, HTTP {r.status_code})"
             )
         if r.status_code != 200:
-            raise RegistryError(
-                f"registry {self.display}: token service {urlsplit(realm).netloc} "
-                f"answered HTTP {r.status_code}"
-            )
+            raise RegistryError(f"registry {self.display}: {where} answered HTTP {r.status_code}")
         try:
-            body = r.json()
+            data = r.json()
         except ValueError:
-            raise RegistryError(f"registry {self.display}: token service returned invalid JSON") from None
-        value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+            raise RegistryError(f"registry {self.display}: {where} returned invalid JSON") from None
+        value = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
         if not isinstance(value, str) or not value:
-            raise RegistryError(f"registry {self.display}: token service returned no token")
-        expires_in = body.get("expires_in")
-        lifetime = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 60.0
-        # Renew a little early so a token does not expire mid-request.
-        tok = _Token(value, time.monotonic() + max(lifetime - 10.0, lifetime / 2))
+            raise RegistryError(f"registry {self.display}: {where} returned no token")
+        tok = _Token(value, time.monotonic() + _token_lifetime(data))
+        log.debug("registry %s: new token for %s", self.display, scope or "the registry")
         with self._lock:
             self._tokens[scope] = tok
         return tok
@@ -216,27 +350,48 @@ class RegistryClient:
 
     # --- transport ----------------------------------------------------
 
-    def _conn_error(self, e: Exception, what: str) -> RegistryError:
-        if isinstance(e, (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError)):
-            return RegistryError(f"registry {self.display}: connection to {what} broke mid-transfer")
+    def _conn_error(self, e: BaseException, what: str) -> RegistryError:
+        """A one-line error for a transport failure; _Transient when retrying may help."""
         if isinstance(e, requests.exceptions.SSLError):
             return RegistryError(
                 f"registry {self.display}: TLS handshake with {what} failed "
                 f"(certificate not trusted? use --tlscacert FILE or --skip-verify)"
             )
-        if isinstance(e, requests.exceptions.Timeout):
-            return RegistryError(f"registry {self.display}: {what} timed out")
-        if isinstance(e, requests.exceptions.ConnectionError):
-            return RegistryError(f"registry {self.display}: cannot connect to {what}")
-        return RegistryError(f"registry {self.display}: request to {what} failed: {type(e).__name__}")
+        if isinstance(e, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
+            return _Transient(f"registry {self.display}: {what}: timed out")
+        if isinstance(e, (urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError,
+                          ConnectionResetError, urllib3.exceptions.IncompleteRead)):
+            return _Transient(f"registry {self.display}: {what}: connection broke mid-transfer")
+        if isinstance(e, (requests.exceptions.ConnectionError, ConnectionError)):
+            return _Transient(f"registry {self.display}: {what}: cannot connect")
+        return _Transient(f"registry {self.display}: {what}: request failed: {type(e).__name__}")
+
+    def _sleep(self, attempt: int, retry_after: float | None, reason: str) -> None:
+        pause = self.opts.retry.delay(attempt, retry_after)
+        log.warning("%s; retry %d/%d in %.2fs", reason, attempt + 1, self.opts.retry.max_retries, pause)
+        time.sleep(pause)
+
+    def _gave_up(self, err: RegistryError, attempts: int) -> RegistryError:
+        if attempts <= 1:
+            return err  # a _Transient stays one, so an outer loop (a whole upload) may start over
+        return RegistryError(f"{err} (gave up after {attempts} attempts)")
 
     def _request(self, method: str, url: str, *, scope: str, what: str, stream: bool = False,
                  headers: dict[str, str] | None = None, data: Any = None,
-                 rewind: IO[bytes] | None = None, allow_redirects: bool = True) -> requests.Response:
-        """Send one request, answering at most one auth challenge; 401/403 after that is an error."""
+                 rewind: IO[bytes] | None = None, allow_redirects: bool = True,
+                 retry: bool = True) -> requests.Response:
+        """Send one request with retries; answer at most one auth challenge per call.
+
+        Connection failures, timeouts, 5xx and 429 are retried with back-off
+        (Retry-After honoured) when `retry`; 401 once after a new token; other
+        4xx are returned to the caller at once.
+        """
         if not url.startswith(("http://", "https://")):
             url = self.base_url + url
-        for attempt in range(2):
+        policy = self.opts.retry
+        attempt = 0
+        challenged = False
+        while True:
             if rewind is not None:
                 rewind.seek(0)
             try:
@@ -246,9 +401,15 @@ class RegistryClient:
                     verify=self._verify, allow_redirects=allow_redirects,
                 )
             except requests.RequestException as e:
-                raise self._conn_error(e, self.display) from None
-            if r.status_code == 401 and attempt == 0:
+                err = self._conn_error(e, what)
+                if not isinstance(err, _Transient) or not retry or attempt >= policy.max_retries:
+                    raise self._gave_up(err, attempt + 1) from None
+                self._sleep(attempt, None, str(err))
+                attempt += 1
+                continue
+            if r.status_code == 401 and not challenged:
                 r.close()
+                challenged = True
                 self._handle_challenge(r, scope)
                 continue
             if r.status_code in (401, 403):
@@ -258,8 +419,17 @@ class RegistryClient:
                 raise RegistryError(
                     f"registry {self.display}: {what}: authentication failed ({creds}, HTTP {r.status_code})"
                 )
+            if r.status_code in RETRY_STATUSES and retry and attempt < policy.max_retries:
+                r.close()
+                self._sleep(attempt, parse_retry_after(r.headers.get("Retry-After")),
+                            f"registry {self.display}: {what}: HTTP {r.status_code}")
+                attempt += 1
+                continue
+            if r.status_code in RETRY_STATUSES and attempt:
+                r.close()
+                raise self._gave_up(
+                    RegistryError(f"registry {self.display}: {what}: HTTP {r.status_code}"), attempt + 1)
             return r
-        raise AssertionError("unreachable")
 
     def _error(self, r: requests.Response, what: str) -> RegistryError:
         detail = ""
@@ -276,13 +446,52 @@ class RegistryClient:
         r.close()
         if r.status_code == 404:
             return NotFound(f"registry {self.display}: {what}: not found (HTTP 404){detail}")
+        if r.status_code in RETRY_STATUSES:
+            return _Transient(f"registry {self.display}: {what}: HTTP {r.status_code}{detail}",
+                              parse_retry_after(r.headers.get("Retry-After")))
         return RegistryError(f"registry {self.display}: {what}: HTTP {r.status_code}{detail}")
 
     @staticmethod
     def _scope(repo: str, push: bool = False) -> str:
         return f"repository:{repo}:{'pull,push' if push else 'pull'}"
 
-    # --- API ----------------------------------------------------------
+    def _read_small(self, r: requests.Response, what: str) -> bytes:
+        buf = bytearray()
+        try:
+            for chunk in r.iter_content(1 << 16):
+                buf += chunk
+                if len(buf) > MAX_MANIFEST_BYTES:
+                    raise RegistryError(
+                        f"registry {self.display}: {what}: larger than {MAX_MANIFEST_BYTES} bytes"
+                    )
+        except _TRANSFER_ERRORS as e:
+            raise self._conn_error(e, what) from None
+        finally:
+            r.close()
+        return bytes(buf)
+
+    def _mirrored(self, name: str, *args: Any, **kw: Any) -> Any:
+        """Call method `name` on each mirror in turn, then on the registry itself."""
+        for m in self.mirrors:
+            try:
+                return getattr(m, name)(*args, **kw)
+            except (RegistryError, NotFound, DigestError) as e:
+                log.info("mirror %s failed, trying the next source: %s", m.display, e)
+        return getattr(self, "_" + name)(*args, **kw)
+
+    def _retrying(self, fn: Any, what: str) -> Any:
+        """Run `fn` again after transient failures that happen past the request (in the body)."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except _Transient as e:
+                if attempt >= self.opts.retry.max_retries:
+                    raise self._gave_up(e, attempt + 1) from None
+                self._sleep(attempt, e.retry_after, str(e))
+                attempt += 1
+
+    # --- API: reads ---------------------------------------------------
 
     def ping(self) -> None:
         """Check that the host speaks the distribution API and that we may use it."""
@@ -295,29 +504,25 @@ class RegistryClient:
         """GET a manifest by tag or digest; return its bytes and a descriptor of exactly those bytes.
 
         When `ref` is a digest the bytes must hash to it (DigestError otherwise).
+        Mirrors are tried first.
         """
+        return self._mirrored("get_manifest", repo, ref)  # type: ignore[no-any-return]
+
+    def _get_manifest(self, repo: str, ref: str) -> tuple[bytes, Descriptor]:
         what = f"manifest {repo}:{ref}" if not ref.startswith("sha256:") else f"manifest {repo}@{ref}"
-        r = self._request("GET", f"/v2/{repo}/manifests/{ref}", scope=self._scope(repo), what=what,
-                          headers={"Accept": mt.MANIFEST_ACCEPT}, stream=True)
-        if r.status_code != 200:
-            raise self._error(r, what)
-        try:
-            buf = bytearray()
-            for chunk in r.iter_content(CHUNK):
-                buf += chunk
-                if len(buf) > MAX_MANIFEST_BYTES:
-                    raise RegistryError(
-                        f"registry {self.display}: {what}: larger than {MAX_MANIFEST_BYTES} bytes"
-                    )
-        except requests.RequestException as e:
-            raise self._conn_error(e, self.display) from None
-        finally:
-            r.close()
-        data = bytes(buf)
+
+        def once() -> tuple[bytes, str | None]:
+            r = self._request("GET", f"/v2/{repo}/manifests/{ref}", scope=self._scope(repo), what=what,
+                              headers={"Accept": mt.MANIFEST_ACCEPT}, stream=True)
+            if r.status_code != 200:
+                raise self._error(r, what)
+            return self._read_small(r, what), r.headers.get("Content-Type")
+
+        data, ctype = self._retrying(once, what)
         got = _digest.of_bytes(data)
         if ref.startswith("sha256:") and got != ref:
             raise DigestError(f"registry {self.display}: {what}: digest mismatch: got {got}")
-        media_type = detect_media_type(data, r.headers.get("Content-Type"))
+        media_type = detect_media_type(data, ctype)
         return data, Descriptor(media_type=media_type, digest=got, size=len(data))
 
     def head_manifest(self, repo: str, ref: str) -> Descriptor | None:
@@ -354,137 +559,314 @@ class RegistryClient:
         """Stream a blob in chunks; the digest (and size, if given) is checked after the last chunk.
 
         The request is sent before the first chunk is asked for, so errors such
-        as 404 surface on the call, not on iteration.
+        as 404 surface on the call, not on iteration. A connection that breaks
+        mid-stream is resumed with a Range request from the first missing byte.
         """
+        return self._mirrored("open_blob", repo, digest, size)  # type: ignore[no-any-return]
+
+    def _blob_response(self, repo: str, digest: str, what: str, offset: int = 0,
+                       end: int | None = None) -> requests.Response:
+        headers = {"Accept-Encoding": "identity"}
+        if offset or end is not None:
+            headers["Range"] = f"bytes={offset}-{'' if end is None else end}"
+        return self._request("GET", f"/v2/{repo}/blobs/{digest}", scope=self._scope(repo), what=what,
+                             stream=True, headers=headers)
+
+    def _open_blob(self, repo: str, digest: str, size: int | None = None) -> Iterator[bytes]:
+        _digest.validate(digest)
         what = f"blob {repo}@{digest}"
-        r = self._request("GET", f"/v2/{repo}/blobs/{_digest.validate(digest)}",
-                          scope=self._scope(repo), what=what, stream=True,
-                          headers={"Accept-Encoding": "identity"})
+        r = self._blob_response(repo, digest, what)
         if r.status_code != 200:
             raise self._error(r, what)
-        return self._verified_chunks(r, digest, size, what)
+        return self._verified_chunks(r, repo, digest, size, what)
 
-    def _verified_chunks(self, r: requests.Response, digest: str, size: int | None,
+    def _verified_chunks(self, r: requests.Response, repo: str, digest: str, size: int | None,
                          what: str) -> Iterator[bytes]:
         d = _digest.Digester()
+        cl = r.headers.get("Content-Length", "")
+        total = size if size is not None else (int(cl) if cl.isdigit() else None)
+        attempt = 0
+        skip = 0
+        count = 0
+        # sha256 costs about as much as receiving on loopback; hashing chunk k on another
+        # thread while chunk k+1 arrives (both release the GIL) hides most of it.
+        pending: concurrent.futures.Future[None] | None = None
         try:
-            for chunk in _raw_chunks(r):
-                if not chunk:
-                    continue
-                d.update(chunk)
-                if size is not None and d.size > size:
-                    raise DigestError(f"registry {self.display}: {what}: more than the expected {size} bytes")
-                yield chunk
-        except _TRANSFER_ERRORS as e:
-            raise self._conn_error(e, self.display) from None
+            while True:
+                try:
+                    # The http.client response under urllib3: raw bytes (no Content-Encoding
+                    # undone, so the digest is over what was sent) and no per-read buffering.
+                    fp = r.raw._fp
+                    while True:
+                        chunk = fp.read(CHUNK)
+                        if not chunk:
+                            break
+                        if skip:
+                            if len(chunk) <= skip:
+                                skip -= len(chunk)
+                                continue
+                            chunk, skip = chunk[skip:], 0
+                        count += len(chunk)
+                        if total is not None and count > total:
+                            raise DigestError(
+                                f"registry {self.display}: {what}: more than the expected {total} bytes")
+                        if pending is not None:
+                            pending.result()
+                        pending = _hash_pool().submit(d.update, chunk)
+                        yield chunk
+                    if getattr(fp, "length", None):
+                        # EOF before the Content-Length the server promised: a cut connection.
+                        raise _Transient(f"registry {self.display}: {what}: body ended early "
+                                         f"after {count} bytes")
+                    break
+                except (_Transient, *_TRANSFER_ERRORS, OSError) as e:
+                    err = e if isinstance(e, _Transient) else self._conn_error(e, what)
+                    r.close()
+                    if not isinstance(err, _Transient) or attempt >= self.opts.retry.max_retries:
+                        raise self._gave_up(err, attempt + 1) from None
+                    self._sleep(attempt, None, f"{err}; resuming at byte {count}")
+                    attempt += 1
+                r, skip = self._resume(repo, digest, what, count)
         finally:
+            if pending is not None:
+                pending.result()
             r.close()
-        if size is not None and d.size != size:
-            raise DigestError(f"registry {self.display}: {what}: got {d.size} bytes, expected {size}")
+        if size is not None and count != size:
+            raise DigestError(f"registry {self.display}: {what}: got {count} bytes, expected {size}")
         if d.digest() != digest:
             raise DigestError(f"registry {self.display}: {what}: digest mismatch: got {d.digest()}")
 
+    def _resume(self, repo: str, digest: str, what: str, offset: int) -> tuple[requests.Response, int]:
+        """Ask for a blob from `offset` on; (response, bytes to skip) - the skip is for a 200 answer."""
+        r = self._blob_response(repo, digest, what, offset=offset)
+        if r.status_code == 206:
+            m = _CONTENT_RANGE_RE.match(r.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != offset:
+                r.close()
+                raise RegistryError(f"registry {self.display}: {what}: unexpected Content-Range "
+                                    f"{r.headers.get('Content-Range', '')!r} when resuming")
+            return r, 0
+        if r.status_code == 200:
+            return r, offset  # the server ignored Range: drop what we already have
+        raise self._error(r, what)
+
     def get_blob(self, repo: str, digest: str, size: int | None = None) -> bytes:
-        return b"".join(self.open_blob(repo, digest, size))
+        """A whole blob, verified; fetched again (up to DIGEST_RETRIES times) if it arrives corrupted."""
+        for attempt in range(DIGEST_RETRIES + 1):
+            try:
+                return b"".join(self.open_blob(repo, digest, size))
+            except DigestError as e:
+                if attempt >= DIGEST_RETRIES or "digest mismatch" not in str(e):
+                    raise
+                log.warning("%s; fetching the blob again", e)
+        raise AssertionError("unreachable")
 
     def get_blob_range(self, repo: str, digest: str, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of a blob (not verifiable here: callers check span digests).
+        """Bytes [offset, offset+length) of a blob, clipped at its end (callers check span digests).
 
         Expects 206 with a matching Content-Range; a server that ignores Range
-        and answers 200 is read only as far as needed.
+        and answers 200 is read only as far as needed, then the connection is closed.
         """
         if offset < 0 or length < 0:
             raise ValueError("offset and length must be non-negative")
         if length == 0:
             return b""
-        what = f"blob {repo}@{digest} range {offset}+{length}"
-        end = offset + length - 1
-        r = self._request("GET", f"/v2/{repo}/blobs/{_digest.validate(digest)}",
-                          scope=self._scope(repo), what=what, stream=True,
-                          headers={"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"})
-        try:
-            if r.status_code == 206:
-                cr = r.headers.get("Content-Range", "")
-                m = re.match(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", cr)
-                if not m or int(m.group(1)) != offset:
-                    raise RegistryError(
-                        f"registry {self.display}: {what}: unexpected Content-Range {cr!r}"
-                    )
-                got_end = int(m.group(2))
-                if got_end != end:
-                    # Only acceptable when the blob ends before the requested end.
-                    total = m.group(3)
-                    if not (total.isdigit() and got_end == int(total) - 1 and got_end < end):
-                        raise RegistryError(
-                            f"registry {self.display}: {what}: unexpected Content-Range {cr!r}"
-                        )
-                want = got_end - offset + 1
-                data = self._read_exact(r, want, what, skip=0)
-            elif r.status_code == 200:
-                data = self._read_exact(r, length, what, skip=offset, allow_short=True)
-            elif r.status_code == 416:
-                raise RegistryError(f"registry {self.display}: {what}: range not satisfiable (HTTP 416)")
-            else:
-                raise self._error(r, what)
-        finally:
-            r.close()
-        return data
+        return self._mirrored("get_blob_range", repo, _digest.validate(digest), offset, length)  # type: ignore[no-any-return]
 
-    def _read_exact(self, r: requests.Response, want: int, what: str, skip: int,
-                    allow_short: bool = False) -> bytes:
-        buf = bytearray()
+    def get_blob_ranges(self, repo: str, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several (offset, length) ranges of one blob, in the order asked.
+
+        Overlapping or touching ranges are merged so each merged stretch costs
+        one request; each result is clipped at the blob's end like get_blob_range.
+        """
+        for off, n in ranges:
+            if off < 0 or n < 0:
+                raise ValueError("offset and length must be non-negative")
+        merged = merge_ranges(ranges)
+        starts = [off for off, _ in merged]
+        datas = [self.get_blob_range(repo, digest, off, n) for off, n in merged]
+        out = []
+        for off, n in ranges:
+            if n == 0:
+                out.append(b"")
+                continue
+            k = bisect.bisect_right(starts, off) - 1
+            rel = off - starts[k]
+            out.append(datas[k][rel:rel + n])
+        return out
+
+    def _get_blob_range(self, repo: str, digest: str, offset: int, length: int) -> bytes:
+        what = f"blob {repo}@{digest} range {offset}+{length}"
+        buf = bytearray(length)
+        mv = memoryview(buf)
+        got = 0
+        limit = length  # shrinks when the blob ends before offset+length
+        attempt = 0
+        deadline = (time.monotonic() + self.opts.request_timeout) if self.opts.request_timeout else None
+        while True:
+            r = self._blob_response(repo, digest, what, offset + got, offset + length - 1)
+            try:
+                if r.status_code == 206:
+                    limit = self._check_content_range(r, offset, got, length, what)
+                    got = self._fill(r, mv, got, limit, deadline, what)
+                    if got >= limit:
+                        r.raw.release_conn()  # body fully read: keep the connection alive
+                elif r.status_code == 200:
+                    got, limit = self._fill_ignoring_range(r, mv, offset, got, length, deadline, what)
+                elif r.status_code == 416:
+                    if got:  # the blob ended exactly where an earlier attempt stopped
+                        limit = got
+                    else:
+                        raise RegistryError(
+                            f"registry {self.display}: {what}: range not satisfiable (HTTP 416)")
+                else:
+                    raise self._error(r, what)
+            except _Transient as e:
+                # Whatever arrived counts, so the retry asks only for the rest.
+                got = max(got, e.progress)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise self._gave_up(e, attempt + 1) from None
+                if attempt >= self.opts.retry.max_retries:
+                    raise self._gave_up(e, attempt + 1) from None
+                self._sleep(attempt, e.retry_after, f"{e}; resuming at byte {offset + got}")
+                attempt += 1
+                continue
+            finally:
+                r.close()
+            if got >= limit:
+                return bytes(mv[:limit])
+
+    def _check_content_range(self, r: requests.Response, offset: int, got: int, length: int,
+                             what: str) -> int:
+        """Validate a 206's Content-Range for a request from offset+got; the usable limit (<= length)."""
+        cr = r.headers.get("Content-Range", "")
+        m = _CONTENT_RANGE_RE.match(cr)
+        if not m or int(m.group(1)) != offset + got:
+            raise RegistryError(f"registry {self.display}: {what}: unexpected Content-Range {cr!r}")
+        got_end = int(m.group(2))
+        end = offset + length - 1
+        if got_end != end:
+            # Only acceptable when the blob ends before the requested end.
+            total = m.group(3)
+            if not (total.isdigit() and got_end == int(total) - 1 and got_end < end):
+                raise RegistryError(f"registry {self.display}: {what}: unexpected Content-Range {cr!r}")
+        return got_end - offset + 1
+
+    def _fill(self, r: requests.Response, mv: memoryview, got: int, limit: int,
+              deadline: float | None, what: str) -> int:
+        """Read the body straight into mv[got:limit]; raise _Transient on a short or stalled body."""
+        fp = r.raw._fp
         try:
-            for chunk in _raw_chunks(r):
-                if skip:
-                    if len(chunk) <= skip:
-                        skip -= len(chunk)
-                        continue
-                    chunk = chunk[skip:]
-                    skip = 0
-                buf += chunk
-                if len(buf) >= want:
-                    break
-        except _TRANSFER_ERRORS as e:
-            raise self._conn_error(e, self.display) from None
-        if skip:
-            raise RegistryError(f"registry {self.display}: {what}: offset is beyond the end of the blob")
-        if len(buf) < want and not allow_short:
-            raise RegistryError(f"registry {self.display}: {what}: short read ({len(buf)} of {want} bytes)")
-        return bytes(buf[:want])
+            while got < limit:
+                n = fp.readinto(mv[got:limit])
+                if not n:
+                    raise _Transient(f"registry {self.display}: {what}: body ended early "
+                                     f"({got} of {limit} bytes)")
+                got += n
+                if deadline is not None and got < limit and time.monotonic() > deadline:
+                    raise _Transient(f"registry {self.display}: {what}: request timed out "
+                                     f"({got} of {limit} bytes)")
+        except _Transient as e:
+            e.progress = got
+            raise
+        except (*_TRANSFER_ERRORS, OSError, ValueError) as e:
+            err = self._conn_error(e, what)
+            err.progress = got  # type: ignore[attr-defined]
+            raise err from None
+        return got
+
+    def _fill_ignoring_range(self, r: requests.Response, mv: memoryview, offset: int, got: int,
+                             length: int, deadline: float | None, what: str) -> tuple[int, int]:
+        """A 200 answer to a Range request: skip to the offset, read what we lack, then hang up."""
+        fp = r.raw._fp
+        skip = offset + got
+        scratch = bytearray(min(CHUNK, max(skip, 1)))
+        try:
+            while skip:
+                n = fp.readinto(memoryview(scratch)[:min(skip, len(scratch))])
+                if not n:
+                    if getattr(fp, "length", None):
+                        raise _Transient(f"registry {self.display}: {what}: body ended early")
+                    raise RegistryError(
+                        f"registry {self.display}: {what}: offset is beyond the end of the blob")
+                skip -= n
+            while got < length:
+                n = fp.readinto(mv[got:length])
+                if not n:
+                    if getattr(fp, "length", None):
+                        raise _Transient(f"registry {self.display}: {what}: body ended early")
+                    return got, got  # the blob ends inside the range
+                got += n
+                if deadline is not None and got < length and time.monotonic() > deadline:
+                    raise _Transient(f"registry {self.display}: {what}: request timed out")
+        except _Transient as e:
+            e.progress = got
+            raise
+        except RegistryError:
+            raise
+        except (*_TRANSFER_ERRORS, OSError, ValueError) as e:
+            err = self._conn_error(e, what)
+            err.progress = got  # type: ignore[attr-defined]
+            raise err from None
+        return got, length
+
+    # --- API: writes --------------------------------------------------
 
     def push_blob(self, repo: str, digest: str, size: int,
-                  data: bytes | str | Path | Iterable[bytes]) -> bool:
-        """Upload a blob unless the repository already has it; return True if bytes were sent.
+                  data: bytes | str | Path | Iterable[bytes], *, chunked: bool | None = None,
+                  mount_from: str | None = None) -> bool:
+        """Upload a blob unless the repository already has it; return True if it was added.
 
-        `data` is bytes or a file path (streamed). POST starts the upload, one
-        monolithic PUT with ?digest= finishes it.
+        `data` is bytes or a file path (streamed; an iterable is buffered). With
+        `mount_from` the registry is first asked to mount the blob from that
+        repository (no bytes sent); a 202 answer means it would not, and the
+        upload continues in the session it opened. Blobs of at least
+        `chunked_upload_threshold` bytes, or any with chunked=True, go up in
+        PATCH chunks; others in one PUT. A failed upload starts over (uploads
+        are idempotent by digest).
         """
         _digest.validate(digest)
-        existing = self.head_blob(repo, digest)
-        if existing is not None:
+        if self.head_blob(repo, digest) is not None:
             return False
+        if not isinstance(data, (str, Path, bytes, bytearray, memoryview)):
+            # A one-shot iterable cannot be replayed after a retry, so buffer it.
+            data = b"".join(data)
+        use_chunks = chunked if chunked is not None else size >= self.opts.chunked_upload_threshold
         what = f"blob upload {repo}@{digest}"
+        return self._retrying(lambda: self._upload_once(repo, digest, size, data, use_chunks,  # type: ignore[arg-type]
+                                                        mount_from, what), what)  # type: ignore[no-any-return]
+
+    def _upload_once(self, repo: str, digest: str, size: int, data: bytes | str | Path,
+                     use_chunks: bool, mount_from: str | None, what: str) -> bool:
         scope = self._scope(repo, push=True)
-        r = self._request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope, what=what)
+        url = f"/v2/{repo}/blobs/uploads/"
+        if mount_from and mount_from != repo:
+            scope += " " + self._scope(mount_from)
+            url += "?" + urlencode({"mount": digest, "from": mount_from})
+        r = self._request("POST", url, scope=scope, what=what)
         r.close()
-        if r.status_code not in (201, 202):
-            raise self._error(r, what)
         if r.status_code == 201:
-            return True  # cross-repo mount or already present
-        location = r.headers.get("Location")
-        if not location:
-            raise RegistryError(f"registry {self.display}: {what}: upload started without a Location")
-        url = urljoin(r.url, location)
-        url += ("&" if "?" in url else "?") + urlencode({"digest": digest})
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        if isinstance(data, (str, Path)):
-            with open(data, "rb") as f:
-                r = self._request("PUT", url, scope=scope, what=what, headers=headers, data=f, rewind=f)
-        elif isinstance(data, (bytes, bytearray, memoryview)):
-            r = self._request("PUT", url, scope=scope, what=what, headers=headers, data=bytes(data))
+            log.info("registry %s: mounted %s into %s from %s", self.display, digest, repo, mount_from)
+            return True
+        if r.status_code != 202:
+            raise self._error(r, what)
+        location = self._location(r, what)
+        if use_chunks:
+            location = self._patch_chunks(location, scope, data, size, what)
+            final_body: Any = b""
+            headers = {"Content-Length": "0"}
         else:
-            # A one-shot iterable cannot be replayed after an auth retry, so buffer it.
-            r = self._request("PUT", url, scope=scope, what=what, headers=headers, data=b"".join(data))
+            final_body = data if not isinstance(data, (str, Path)) else None
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        url = location + ("&" if "?" in location else "?") + urlencode({"digest": digest})
+        # No per-request retry: a half-sent PUT leaves the session in an unknown state; start over.
+        if final_body is None:
+            with open(data, "rb") as f:  # type: ignore[arg-type]
+                r = self._request("PUT", url, scope=scope, what=what, headers=headers, data=f, rewind=f,
+                                  retry=False)
+        else:
+            r = self._request("PUT", url, scope=scope, what=what, headers=headers,
+                              data=bytes(final_body), retry=False)
         r.close()
         if r.status_code not in (201, 204):
             raise self._error(r, what)
@@ -493,6 +875,40 @@ class RegistryClient:
             raise DigestError(f"registry {self.display}: {what}: registry stored digest {got}")
         return True
 
+    def _location(self, r: requests.Response, what: str) -> str:
+        location = r.headers.get("Location")
+        if not location:
+            raise RegistryError(f"registry {self.display}: {what}: upload answer without a Location")
+        return urljoin(r.url, location)
+
+    def _patch_chunks(self, location: str, scope: str, data: bytes | str | Path, size: int,
+                      what: str) -> str:
+        """Send the blob in PATCH requests with Content-Range; the Location to PUT to at the end."""
+        step = max(1, self.opts.upload_chunk_size)
+        f: IO[bytes] | None = open(data, "rb") if isinstance(data, (str, Path)) else None  # noqa: SIM115
+        try:
+            sent = 0
+            while sent < size:
+                n = min(step, size - sent)
+                chunk = f.read(n) if f is not None else bytes(memoryview(data)[sent:sent + n])  # type: ignore[arg-type]
+                if len(chunk) != n:
+                    raise RegistryError(f"{what}: source has fewer than {size} bytes")
+                r = self._request("PATCH", location, scope=scope, what=what, data=chunk, retry=False,
+                                  headers={"Content-Type": "application/octet-stream",
+                                           "Content-Range": f"{sent}-{sent + n - 1}",
+                                           "Content-Length": str(n)})
+                r.close()
+                if r.status_code != 202:
+                    err = self._error(r, what)
+                    # 416: the registry lost track of our offset; only a fresh upload helps.
+                    raise _Transient(str(err)) if r.status_code == 416 else err
+                location = self._location(r, what)
+                sent += n
+            return location
+        finally:
+            if f is not None:
+                f.close()
+
     def put_manifest(self, repo: str, ref: str, data: bytes, media_type: str) -> Descriptor:
         """PUT a manifest under a tag or its digest; return its descriptor."""
         d = Descriptor(media_type=media_type, digest=_digest.of_bytes(data), size=len(data))
@@ -500,6 +916,7 @@ class RegistryClient:
             raise DigestError(f"manifest push to {repo}@{ref}: content digest is {d.digest}")
         sep = "@" if ref.startswith("sha256:") else ":"
         what = f"manifest push {repo}{sep}{ref}"
+        # PUT of the same manifest is idempotent, so the usual retries are safe.
         r = self._request("PUT", f"/v2/{repo}/manifests/{ref}", scope=self._scope(repo, push=True),
                           what=what, headers={"Content-Type": media_type}, data=data)
         r.close()
@@ -511,7 +928,6 @@ class RegistryClient:
                 f"registry {self.display}: {what}: registry computed digest {got}, ours {d.digest}"
             )
         return d
-
 
     def delete_manifest(self, repo: str, digest: str) -> None:
         """DELETE a manifest by digest (registries refuse deleting by tag); NotFound if absent."""
@@ -572,7 +988,7 @@ class RegistryClient:
                 return None
             if r.status_code != 200:
                 raise self._error(r, what)
-            data = self._read_limited(r, what)
+            data = self._read_small(r, what)
         finally:
             r.close()
         ctype = mt.base_type(r.headers.get("Content-Type", ""))
@@ -585,19 +1001,6 @@ class RegistryClient:
         if ctype and ctype != mt.OCI_INDEX and obj.get("mediaType") != mt.OCI_INDEX:
             return None
         return data
-
-    def _read_limited(self, r: requests.Response, what: str) -> bytes:
-        buf = bytearray()
-        try:
-            for chunk in r.iter_content(CHUNK):
-                buf += chunk
-                if len(buf) > MAX_MANIFEST_BYTES:
-                    raise RegistryError(
-                        f"registry {self.display}: {what}: larger than {MAX_MANIFEST_BYTES} bytes"
-                    )
-        except requests.RequestException as e:
-            raise self._conn_error(e, self.display) from None
-        return bytes(buf)
 
 
 _LINK_RE = re.compile(r'<([^>]*)>\s*;[^,]*rel="?next"?')

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import digest as _digest
+from ..config import Config
 from ..errors import DigestError, NotFound, ReferenceError_
 from . import mediatype as mt
 from .auth import resolve_credentials
@@ -29,6 +30,7 @@ class SourceOptions:
     user: str | None = None  # "USER:PASSWORD"; never logged
     platform: str | None = None  # "os/arch[/variant]"
     all_platforms: bool = False
+    config: Config | None = None  # [http] retries and timeouts, [resolver] mirrors; defaults when None
 
 
 class ImageSource:
@@ -208,8 +210,10 @@ def open_source(spec: str, opts: SourceOptions | None = None, create: bool = Fal
         return ArchiveSource(path, tag)
     ref = parse_reference(spec)
     creds = resolve_credentials(ref.registry, opts.user)
-    ropts = RegistryOptions(plain_http=opts.plain_http, skip_verify=opts.skip_verify,
-                            ca_file=os.fspath(opts.ca_file) if opts.ca_file else None, credentials=creds)
+    ropts = RegistryOptions.from_config(
+        opts.config or Config(), ref.registry, plain_http=opts.plain_http, skip_verify=opts.skip_verify,
+        ca_file=os.fspath(opts.ca_file) if opts.ca_file else None, credentials=creds,
+    )
     return RegistrySource(ref, get_client(ref.registry, ropts))
 
 

@@ -7,6 +7,7 @@ given the CA file explicitly.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,20 +85,42 @@ def make_test_ca_and_cert(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1"
     return ca_crt, crt, key
 
 
+@dataclass(frozen=True)
+class TokenAuth:
+    """Settings for the registry's `auth: token` mode; the issuer itself runs elsewhere.
+
+    `rootcertbundle` is the PEM certificate (bundle) whose keys sign the issuer's
+    tokens; `user`/`password` are what the issuer accepts (used for pushing).
+    """
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: str
+    user: str = ""
+    password: str = field(default="", repr=False)
+
+
 class LocalRegistry:
     """A real `docker-registry` (distribution 2.8) on a free 127.0.0.1 port with its own storage.
 
     tls=True serves HTTPS with a certificate from a test CA (see `ca_file`);
     auth=True adds htpasswd Basic auth for `user`/`password` (the registry
     only allows htpasswd over TLS, so auth implies tls).
+    token_auth=TokenAuth(...) makes the registry demand bearer tokens from an
+    external issuer (plain HTTP unless tls=True); pushes then use its user/password.
     """
 
     def __init__(self, tls: bool = False, auth: bool = False, user: str = "tester",
-                 password: str = "s3cret-pw", workdir: str | Path | None = None) -> None:
+                 password: str = "s3cret-pw", workdir: str | Path | None = None,
+                 token_auth: TokenAuth | None = None) -> None:
+        if auth and token_auth is not None:
+            raise ValueError("htpasswd auth and token auth are exclusive")
         self.tls = tls or auth
         self.auth = auth
-        self.user = user
-        self.password = password
+        self.token_auth = token_auth
+        self.user = token_auth.user if token_auth else user
+        self.password = token_auth.password if token_auth else password
         self._own_dir = workdir is None
         self.dir = Path(workdir) if workdir is not None else None
         self.port = 0
@@ -119,7 +142,7 @@ class LocalRegistry:
     @property
     def creds(self) -> str | None:
         """`user:password` when auth is on (what --user / --dest-creds take)."""
-        return f"{self.user}:{self.password}" if self.auth else None
+        return f"{self.user}:{self.password}" if self.auth or (self.token_auth and self.user) else None
 
     def source_options(self, **overrides: Any) -> Any:
         """SourceOptions for this registry (plain_http, ca_file, user), with overrides."""
@@ -200,6 +223,10 @@ class LocalRegistry:
             lines += ["  tls:", f"    certificate: {self._crt}", f"    key: {self._key}"]
         if self.auth:
             lines += ["auth:", "  htpasswd:", "    realm: soci-test", f"    path: {self.dir / 'htpasswd'}"]
+        if self.token_auth is not None:
+            t = self.token_auth
+            lines += ["auth:", "  token:", f"    realm: {t.realm}", f"    service: {t.service}",
+                      f"    issuer: {t.issuer}", f"    rootcertbundle: {t.rootcertbundle}"]
         return "\n".join(lines) + "\n"
 
     def _spawn(self) -> None:
@@ -288,8 +315,13 @@ class LocalRegistry:
         policy = Path(tempfile.mkdtemp(prefix="soci-test-policy-")) / "policy.json"
         policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
         cmd = ["skopeo", "--policy", str(policy), "copy", "--quiet", "--dest-tls-verify=false"]
-        if self.auth:
-            cmd += ["--dest-creds", f"{self.user}:{self.password}"]
+        if self.creds:
+            # An auth file rather than --dest-creds keeps the password out of argv.
+            authfile = policy.parent / "auth.json"
+            token = base64.b64encode(self.creds.encode()).decode("ascii")
+            authfile.write_text(json.dumps({"auths": {self.host: {"auth": token}}}))
+            authfile.chmod(0o600)
+            cmd += ["--dest-authfile", str(authfile)]
         if fmt:
             cmd += ["--format", fmt]
         else:

@@ -1,0 +1,1 @@
+"""Benchmarks of soci-helper's parts against reference tools (`soci-bench`)."""
