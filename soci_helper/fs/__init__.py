@@ -1,0 +1,1 @@
+"""Lazy layer filesystem: span manager, background fetch, the pyfuse3 layer filesystem and its server."""

@@ -1,0 +1,464 @@
+"""SpanManager: serves uncompressed layer bytes span by span (fetch, verify, inflate, cache) for one mount."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from .. import digest as dg
+from ..config import BlobConfig, Config
+from ..errors import SociError
+from ..store.spancache import SpanCache
+from ..ztoc.extract import extract_span
+from ..ztoc.model import Ztoc
+from ..ztoc.reader import parse_zinfo
+from .stats import MountStats
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[int, int], bytes]
+FetchMany = Callable[[list[tuple[int, int]]], list[bytes]]
+
+# Reads landing this close to where the previous read ended still count as sequential: the
+# kernel issues FUSE reads of one stream concurrently, so they arrive slightly out of order.
+_SEQ_SLACK = 1 << 20
+_RETRY_FIRST_WAIT = 0.05
+_RETRY_MAX_WAIT = 1.0
+
+
+class SpanFetchError(SociError):
+    """A read cannot be served: the registry failed or timed out, or span bytes never verified (EIO)."""
+
+
+class _Claim:
+    """One span being loaded by this manager; `deadline` lets a later reader replace a stuck claim."""
+
+    __slots__ = ("future", "deadline")
+
+    def __init__(self, deadline: float) -> None:
+        self.future: Future[bytes] = Future()
+        self.deadline = deadline
+
+
+class SpanManager:
+    """Reads of one layer's uncompressed bytes, fetched lazily span by span.
+
+    `fetch(offset, length)` returns exactly `length` bytes of the compressed blob at `offset`;
+    `fetch_many(ranges)` (optional) fetches several (offset, length) ranges, merging adjacent ones
+    into one request. Spans are verified against the zTOC's span digests, inflated from their
+    checkpoints and kept in the shared on-disk `cache` plus a few in memory.
+
+    Concurrency: a span is loaded once per manager (claims with futures), once per cache across
+    managers and processes (the cache's per-span file lock, with a re-check after taking it).
+    Fetching runs on a small thread pool, so a reader can always give up at its deadline.
+
+    Counters: `cache_hits` / `cache_misses` count spans looked up in the on-disk cache (the
+    in-memory spans are not counted); `bytes_fetched` counts compressed bytes received, retries
+    included; `bytes_served` counts what `read` returned.
+    """
+
+    # Tunables, small on purpose: a layer server may serve many mounts on two cores.
+    WORKERS = 3
+    READAHEAD_SPANS = 3
+    MEMORY_SPANS = 6
+    MAX_MERGE_SPANS = 8
+
+    stats: MountStats
+
+    def __init__(self, ztoc: Ztoc, layer_digest: str, fetch: Fetch, cache: SpanCache,
+                 config: Config | None = None, fetch_many: FetchMany | None = None) -> None:
+        self.config = config or Config()
+        self.ztoc = ztoc
+        self.layer = dg.validate(layer_digest)
+        self.zinfo = parse_zinfo(ztoc)
+        n = self.zinfo.num_spans
+        if n != len(ztoc.span_digests):
+            raise SpanFetchError(f"{self.layer}: zTOC has {len(ztoc.span_digests)} span digests for {n} spans")
+        self.num_spans = n
+        self._u_start: list[int] = []
+        self._u_end: list[int] = []
+        self._c_start: list[int] = []
+        self._c_end: list[int] = []
+        for i in range(n):
+            us, ue = self.zinfo.uncompressed_range(i)
+            cs, ce = self.zinfo.compressed_range(i)
+            assert ue is not None and ce is not None  # parse_zinfo always passes both sizes
+            self._u_start.append(us)
+            self._u_end.append(ue)
+            self._c_start.append(cs)
+            self._c_end.append(ce)
+        self.size = self._u_end[-1] if n else 0
+        self.fetch = fetch
+        self.fetch_many = fetch_many
+        self.cache = cache
+        # A zero or negative bound would fail every uncached read at once; fall back to the default.
+        self.timeout = float(self.config.blob.fetching_timeout_sec
+                             if self.config.blob.fetching_timeout_sec > 0 else BlobConfig.fetching_timeout_sec)
+        self.retries = max(0, self.config.blob.max_span_verification_retries)
+        self.stats = MountStats()
+        self._mu = threading.Lock()
+        self._claims: dict[int, _Claim] = {}
+        self._mem: OrderedDict[int, bytes] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=self.WORKERS, thread_name_prefix="soci-span")
+        self._closed = False
+        self._last_start = -1
+        self._next_seq = -1
+        self._seq_run = 0
+        self.last_activity = time.monotonic()
+        self._background: object | None = None
+
+    # -- geometry ------------------------------------------------------------
+
+    def span_range(self, span_id: int) -> tuple[int, int]:
+        """[start, end) of a span in the uncompressed layer."""
+        return self._u_start[span_id], self._u_end[span_id]
+
+    def spans_of(self, offset: int, length: int) -> range:
+        """The span ids holding uncompressed bytes [offset, offset+length), clamped to the layer."""
+        end = min(offset + length, self.size)
+        if length <= 0 or offset >= end or offset < 0:
+            return range(0)
+        return range(self.zinfo.span_of(offset), self.zinfo.span_of(end - 1) + 1)
+
+    def _on_disk(self, span_id: int) -> bool:
+        us = self._u_start[span_id]
+        return self.cache.has(self.layer, us, self._u_end[span_id] - us)
+
+    def is_cached(self, span_id: int) -> bool:
+        """True if the span is in the on-disk cache (what background fetch fills)."""
+        return self._on_disk(span_id)
+
+    # -- the read path -------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Blocking, thread-safe: `length` uncompressed bytes at `offset` (fewer at the layer's end).
+
+        Raises SpanFetchError when the bytes cannot be served within blob.fetching_timeout_sec."""
+        if self._closed:
+            raise SpanFetchError(f"{self.layer}: the mount is closed")
+        if offset < 0 or length < 0:
+            raise SpanFetchError(f"{self.layer}: invalid read {offset}+{length}")
+        self.note_activity()
+        ids = self.spans_of(offset, length)
+        if not ids:
+            return b""
+        end = min(offset + length, self.size)
+        deadline = time.monotonic() + self.timeout
+        got = self._request(ids, deadline, remember=True, inline_disk=True)
+        self._maybe_read_ahead(offset, end, ids[-1], deadline)
+        parts: list[bytes] = []
+        for sid in ids:
+            data = self._wait(sid, got[sid], deadline)
+            us = self._u_start[sid]
+            lo = max(offset, us) - us
+            hi = min(end, self._u_end[sid]) - us
+            parts.append(data if lo == 0 and hi == len(data) else data[lo:hi])
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.stats.add(bytes_served=len(out))
+        return out
+
+    def _maybe_read_ahead(self, offset: int, end: int, last: int, deadline: float) -> None:
+        with self._mu:
+            # Forward progress near where the last read ended; re-reading the same bytes is not.
+            sequential = 0 <= self._last_start < offset and abs(offset - self._next_seq) <= _SEQ_SLACK
+            self._seq_run = self._seq_run + 1 if sequential else 0
+            self._last_start = offset
+            self._next_seq = end
+            run = self._seq_run
+        if run < 1 or self.READAHEAD_SPANS <= 0:
+            return
+        ahead = range(last + 1, min(last + 1 + self.READAHEAD_SPANS, self.num_spans))
+        if ahead:
+            # One task per span: the pool fetches, verifies and inflates them in parallel.
+            self._request(ahead, deadline, remember=True, inline_disk=False, merge=1)
+
+    def _request(self, ids: Iterable[int], deadline: float, *, remember: bool, inline_disk: bool,
+                 skip_cached: bool = False, merge: int | None = None) -> dict[int, bytes | _Claim]:
+        """Start loading `ids`: each maps to its bytes (already at hand) or the claim to wait on.
+
+        inline_disk: look in the on-disk cache in this thread first (cheap, never hangs).
+        skip_cached: spans present on disk are left out entirely (prefetch, background).
+        """
+        out: dict[int, bytes | _Claim] = {}
+        mine: list[int] = []
+        if skip_cached:
+            ids = [s for s in ids if not self._on_disk(s)]
+        now = time.monotonic()
+        with self._mu:
+            for sid in ids:
+                data = self._mem.get(sid)
+                if data is not None:
+                    self._mem.move_to_end(sid)
+                    out[sid] = data
+                    continue
+                claim = self._claims.get(sid)
+                # A claim past its deadline may sit in a fetch that hangs: start a fresh one.
+                if claim is None or (claim.deadline < now and not claim.future.done()):
+                    claim = self._claims[sid] = _Claim(deadline)
+                    mine.append(sid)
+                out[sid] = claim
+        to_fetch: list[int] = []
+        for sid in mine:
+            us, ue = self._u_start[sid], self._u_end[sid]
+            if inline_disk:
+                data = self.cache.get(self.layer, us, ue - us)
+                if data is not None:
+                    self.stats.add(cache_hits=1)
+                    self._settle(sid, out[sid], data, remember)  # type: ignore[arg-type]
+                    out[sid] = data
+                    continue
+            to_fetch.append(sid)
+        for run in _runs(to_fetch, merge or self.MAX_MERGE_SPANS):
+            claims = [out[sid] for sid in run]
+            try:
+                self._pool.submit(self._load_run, run, claims, deadline, remember, not inline_disk)
+            except RuntimeError:  # the pool is shut down: the manager was closed
+                for sid, claim in zip(run, claims, strict=True):
+                    self._fail(sid, claim, SpanFetchError(f"{self.layer}: the mount is closed"))  # type: ignore[arg-type]
+        return out
+
+    def _wait(self, sid: int, item: bytes | _Claim, deadline: float) -> bytes:
+        if isinstance(item, bytes):
+            return item
+        try:
+            return item.future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            log.warning("%s: span %d not available within %.0fs", self.layer, sid, self.timeout)
+            raise SpanFetchError(f"{self.layer}: span {sid} not fetched within {self.timeout:.0f}s") from None
+        except SpanFetchError:
+            raise
+        except Exception as exc:
+            raise SpanFetchError(f"{self.layer}: span {sid}: {exc}") from exc
+
+    def _settle(self, sid: int, claim: _Claim, data: bytes, remember: bool) -> None:
+        with self._mu:
+            if self._claims.get(sid) is claim:
+                del self._claims[sid]
+            if remember:
+                self._mem[sid] = data
+                self._mem.move_to_end(sid)
+                while len(self._mem) > self.MEMORY_SPANS:
+                    self._mem.popitem(last=False)
+        with contextlib.suppress(InvalidStateError):
+            claim.future.set_result(data)
+
+    def _fail(self, sid: int, claim: _Claim, exc: BaseException) -> None:
+        with self._mu:
+            if self._claims.get(sid) is claim:
+                del self._claims[sid]
+        with contextlib.suppress(InvalidStateError):
+            claim.future.set_exception(exc)
+
+    # -- loading (pool threads) -------------------------------------------------
+
+    def _load_run(self, run: list[int], claims: list[_Claim], deadline: float, remember: bool,
+                  check_disk_first: bool) -> None:
+        pending = dict(zip(run, claims, strict=True))
+        try:
+            if check_disk_first:
+                self._take_cached(pending, remember)
+            if not pending:
+                return
+            with contextlib.ExitStack() as locks:
+                # Ascending order everywhere, so two processes locking overlapping runs cannot deadlock.
+                for sid in sorted(pending):
+                    us, ue = self._u_start[sid], self._u_end[sid]
+                    locks.enter_context(self.cache.span_lock(self.layer, us, ue - us,
+                                                             max(0.0, deadline - time.monotonic())))
+                # Another process (or manager) may have fetched these while we waited for the locks.
+                self._take_cached(pending, remember)
+                for sub in _runs(sorted(pending), self.MAX_MERGE_SPANS):
+                    self._fetch_run(sub, pending, deadline, remember)
+        except BaseException as exc:
+            err = exc if isinstance(exc, SpanFetchError) else SpanFetchError(f"{self.layer}: {exc}")
+            for sid, claim in pending.items():
+                self._fail(sid, claim, err)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _take_cached(self, pending: dict[int, _Claim], remember: bool) -> None:
+        for sid in sorted(pending):
+            us, ue = self._u_start[sid], self._u_end[sid]
+            data = self.cache.get(self.layer, us, ue - us)
+            if data is not None:
+                self.stats.add(cache_hits=1)
+                self._settle(sid, pending.pop(sid), data, remember)
+
+    def _fetch_run(self, run: list[int], pending: dict[int, _Claim], deadline: float, remember: bool) -> None:
+        self.stats.add(cache_misses=len(run))
+        datas = self._fetch_ranges([(self._c_start[s], self._c_end[s] - self._c_start[s]) for s in run], deadline)
+        for sid, data in zip(run, datas, strict=True):
+            claim = pending.pop(sid)
+            try:
+                u = self._verified_span(sid, data, deadline)
+            except SpanFetchError as exc:
+                self._fail(sid, claim, exc)
+                continue
+            except Exception as exc:
+                self._fail(sid, claim, SpanFetchError(f"{self.layer}: span {sid}: {exc}"))
+                continue
+            self.cache.put(self.layer, self._u_start[sid], u)
+            self._settle(sid, claim, u, remember)
+
+    def _verified_span(self, sid: int, data: bytes, deadline: float) -> bytes:
+        """Check the compressed span against its digest (refetching a bad one), then inflate it."""
+        want = self.ztoc.span_digests[sid]
+        c_len = self._c_end[sid] - self._c_start[sid]
+        failures = 0
+        while len(data) != c_len or dg.of_bytes(data) != want:
+            failures += 1
+            self.stats.add(verify_failures=1)
+            if failures > self.retries:
+                log.error("%s: span %d failed verification %d times (expected %s); not serving it",
+                          self.layer, sid, failures, want)
+                raise SpanFetchError(f"{self.layer}: span {sid} does not match its digest {want}")
+            data = self._fetch_ranges([(self._c_start[sid], c_len)], deadline)[0]
+        self.stats.add(spans_fetched=1)
+        u = extract_span(self.zinfo, sid, data)
+        if len(u) != self._u_end[sid] - self._u_start[sid]:
+            raise SpanFetchError(f"{self.layer}: span {sid} inflated to {len(u)} bytes, expected "
+                                 f"{self._u_end[sid] - self._u_start[sid]}")
+        return u
+
+    def _fetch_ranges(self, ranges: list[tuple[int, int]], deadline: float) -> list[bytes]:
+        """One request for adjacent ranges; transport failures are retried with back-off until `deadline`."""
+        wait = _RETRY_FIRST_WAIT
+        while True:
+            if self._closed:
+                raise SpanFetchError(f"{self.layer}: the mount is closed")
+            try:
+                datas = self._fetch_once(ranges)
+            except SpanFetchError:
+                raise
+            except Exception as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("%s: fetching %d bytes at %d failed: %s", self.layer,
+                                sum(n for _, n in ranges), ranges[0][0], exc)
+                    raise SpanFetchError(f"{self.layer}: fetch failed: {exc}") from exc
+                time.sleep(min(wait, left))
+                wait = min(wait * 2, _RETRY_MAX_WAIT)
+                continue
+            self.stats.add(bytes_fetched=sum(len(d) for d in datas))
+            return datas
+
+    def _fetch_once(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        if len(ranges) == 1:
+            return [self.fetch(*ranges[0])]
+        if self.fetch_many is not None:
+            datas = self.fetch_many(ranges)
+            if len(datas) != len(ranges):
+                raise SpanFetchError(f"{self.layer}: fetch_many returned {len(datas)} parts for {len(ranges)}")
+            return datas
+        # Spans are contiguous in the blob: one Range request, cut into spans here.
+        first = ranges[0][0]
+        blob = self.fetch(first, ranges[-1][0] + ranges[-1][1] - first)
+        mv = memoryview(blob)
+        return [bytes(mv[o - first:o - first + n]) for o, n in ranges]
+
+    # -- prefetch, background ----------------------------------------------------
+
+    def prefetch(self, ranges: list[tuple[int, int]], timeout: float) -> None:
+        """Fetch the spans covering these uncompressed (offset, length) ranges now; gives up after `timeout` s.
+
+        Best effort: failures and the timeout are logged, never raised."""
+        ids: set[int] = set()
+        for off, n in ranges:
+            ids.update(self.spans_of(off, n))
+        self.prefetch_spans(sorted(ids), timeout)
+
+    def prefetch_spans(self, span_ids: list[int], timeout: float) -> None:
+        """Like `prefetch`, for span ids (e.g. from an upstream prefetch artifact)."""
+        ids = sorted({s for s in span_ids if 0 <= s < self.num_spans})
+        if not ids or self._closed:
+            return
+        deadline = time.monotonic() + timeout
+        # Chunks of a few spans: merged requests, yet every worker gets a share.
+        per = max(1, min(self.MAX_MERGE_SPANS, -(-len(ids) // self.WORKERS)))
+        got = self._request(ids, deadline, remember=False, inline_disk=False, skip_cached=True, merge=per)
+        failed = late = 0
+        for item in got.values():
+            if isinstance(item, bytes):
+                continue
+            try:
+                item.future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                late += 1
+            except Exception:
+                failed += 1
+        if failed or late:
+            log.warning("%s: prefetch of %d spans: %d failed, %d not done within %.1fs",
+                        self.layer, len(ids), failed, late, timeout)
+
+    def fetch_span(self, span_id: int, timeout: float | None = None) -> bool:
+        """Make sure one span is in the on-disk cache (background fetch). False if it already was."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        got = self._request([span_id], deadline, remember=False, inline_disk=False, skip_cached=True)
+        item = got.get(span_id)
+        if item is None:
+            return False
+        self._wait(span_id, item, deadline)
+        return True
+
+    def start_background_fetch(self) -> None:
+        """Start fetching the remaining spans after a quiet period (unless background_fetch.disable)."""
+        from .background import BackgroundFetcher
+
+        if self._closed or self.config.background_fetch.disable or self._background is not None:
+            return
+        bg = BackgroundFetcher(self.config.background_fetch)
+        bg.add(self)
+        bg.start()
+        self._background = bg
+
+    @property
+    def background(self) -> object | None:
+        """The BackgroundFetcher started by start_background_fetch, if any."""
+        return self._background
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def note_activity(self) -> None:
+        """A foreground read happened: background fetch pauses for the silence period."""
+        self.last_activity = time.monotonic()
+
+    def close(self) -> None:
+        """Stop background work and release threads; later reads raise SpanFetchError."""
+        if self._closed:
+            return
+        self._closed = True
+        bg = self._background
+        if bg is not None:
+            bg.stop()  # type: ignore[attr-defined]
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._mu:
+            claims = list(self._claims.items())
+            self._claims.clear()
+            self._mem.clear()
+        for sid, claim in claims:
+            self._fail(sid, claim, SpanFetchError(f"{self.layer}: the mount is closed"))
+
+    def __enter__(self) -> SpanManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _runs(ids: Iterable[int], limit: int) -> list[list[int]]:
+    """Sorted ids split into runs of consecutive ids, each at most `limit` long."""
+    runs: list[list[int]] = []
+    for sid in sorted(ids):
+        if runs and runs[-1][-1] == sid - 1 and len(runs[-1]) < limit:
+            runs[-1].append(sid)
+        else:
+            runs.append([sid])
+    return runs

@@ -1,0 +1,413 @@
+"""SpanManager against a real registry: correct bytes, few fetches, verification, outages, sharing, background."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import shutil
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from support.layers import real_files_layer
+from support.registry import LocalRegistry
+
+from soci_helper.config import Config
+from soci_helper.fs.background import PrefetchArtifactError, spans_from_prefetch_artifact
+from soci_helper.fs.spans import SpanFetchError, SpanManager
+from soci_helper.fs.stats import MountStats
+from soci_helper.oci.layout import OCILayout
+from soci_helper.oci.registry import RegistryClient, RegistryOptions
+from soci_helper.oci.retry import RetryPolicy
+from soci_helper.sandbox import registry as sandbox_registry
+from soci_helper.sandbox.images import write_image
+from soci_helper.store.spancache import SpanCache
+from soci_helper.ztoc.builder import build_ztoc
+from soci_helper.ztoc.model import Ztoc
+
+SPAN = 1 << 20
+REPO = "test/spans"
+
+
+@pytest.fixture(scope="module")
+def layer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("layer")
+    tar = real_files_layer(d / "real.tar")
+    desc = write_image(d / "layout", [(tar, "gzip")], "v1")
+    lay = OCILayout(d / "layout")
+    manifest = json.loads(lay.read_blob(desc.digest))
+    digest = manifest["layers"][0]["digest"]
+    blob = lay.blob_path(digest)
+    with open(blob, "rb") as f:
+        ztoc = build_ztoc(iter(lambda: f.read(1 << 20), b""), "gzip", SPAN, "test")
+    with tarfile.open(tar) as tf:
+        files = [(m.name, m.offset_data, m.size) for m in tf.getmembers() if m.isreg()]
+    return {"dir": d, "tar": tar.read_bytes(), "layout": d / "layout", "digest": digest, "ztoc": ztoc,
+            "files": files}
+
+
+@pytest.fixture(scope="module")
+def registry(layer):
+    with LocalRegistry() as reg:
+        reg.push_oci_layout(layer["layout"], f"{REPO}:v1", tag="v1")
+        yield reg
+
+
+def client_for(host: str) -> RegistryClient:
+    # Few client-side retries: the SpanManager's own deadline is what is under test.
+    return RegistryClient(host, RegistryOptions(plain_http=True, timeout=(2.0, 5.0),
+                                                retry=RetryPolicy(1, 0.01, 0.05)))
+
+
+class Blobs:
+    """Range requests the manager makes, and what the registry answered, counted per test."""
+
+    def __init__(self, reg: LocalRegistry, digest: str) -> None:
+        self.reg = reg
+        self.digest = digest
+        self.client = client_for(reg.host)
+        self.calls = 0
+        self._mark = len(self._gets())
+
+    def fetch(self, off: int, n: int) -> bytes:
+        self.calls += 1
+        return self.client.get_blob_range(REPO, self.digest, off, n)
+
+    def fetch_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        self.calls += 1
+        return self.client.get_blob_ranges(REPO, self.digest, ranges)
+
+    def _gets(self) -> list:
+        return [e for e in self.reg.access_log() if e.method == "GET" and "/blobs/" in e.path]
+
+    def requests(self, settle: float = 0.2) -> list:
+        """Blob GETs the registry logged since this object was made (its log lags a little)."""
+        time.sleep(settle)
+        return self._gets()[self._mark:]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def config(**blob: int) -> Config:
+    cfg = Config()
+    cfg.blob.fetching_timeout_sec = blob.get("timeout", 10)
+    cfg.blob.max_span_verification_retries = blob.get("retries", 2)
+    cfg.background_fetch.disable = True
+    return cfg
+
+
+@pytest.fixture
+def blobs(registry, layer):
+    b = Blobs(registry, layer["digest"])
+    yield b
+    b.close()
+
+
+def manager(layer, cache_root: Path, fetch, cfg: Config | None = None, **kw) -> SpanManager:
+    return SpanManager(layer["ztoc"], layer["digest"], fetch, SpanCache(cache_root), cfg or config(), **kw)
+
+
+def compressed_len(ztoc_span_mgr: SpanManager, sid: int) -> int:
+    return ztoc_span_mgr._c_end[sid] - ztoc_span_mgr._c_start[sid]
+
+
+def small_file(layer, min_size: int = 2000) -> tuple[str, int, int]:
+    """A small file well inside the layer, not crossing a span boundary."""
+    for name, off, size in layer["files"][len(layer["files"]) // 2:]:
+        if min_size <= size < 64 << 10 and off // SPAN == (off + size - 1) // SPAN:
+            return name, off, size
+    raise AssertionError("no small file found")
+
+
+def test_every_file_equals_the_tar_and_a_second_mount_reads_the_cache(tmp_path, layer, blobs):
+    tar = layer["tar"]
+    with manager(layer, tmp_path, blobs.fetch, fetch_many=blobs.fetch_many) as m:
+        assert m.num_spans == len(layer["ztoc"].span_digests) > 10
+        served = 0
+        for name, off, size in layer["files"]:
+            assert m.read(off, size) == tar[off:off + size], name
+            served += size
+        # Spans straddling file boundaries and whole-layer edge cases.
+        assert m.read(SPAN - 100, 300) == tar[SPAN - 100:SPAN + 200]
+        assert m.read(m.size - 10, 100) == tar[m.size - 10:m.size]
+        assert m.read(m.size, 10) == b""
+        s = m.stats.snapshot()
+        assert s["bytes_served"] == served + 300 + 10
+        assert s["spans_fetched"] == m.num_spans  # each span fetched exactly once
+        assert s["verify_failures"] == 0
+        # Spans starting mid-byte share that byte with the previous span.
+        assert s["bytes_fetched"] == sum(compressed_len(m, i) for i in range(m.num_spans))
+    fetched = blobs.calls
+    with manager(layer, tmp_path, blobs.fetch) as again:
+        assert again.read(0, again.size) == tar[:again.size]
+        assert again.stats.cache_hits == again.num_spans and again.stats.spans_fetched == 0
+    assert blobs.calls == fetched
+
+
+def test_small_cold_file_fetches_at_most_two_spans_in_one_request(tmp_path, layer, blobs):
+    name, off, size = small_file(layer)
+    with manager(layer, tmp_path, blobs.fetch) as m:
+        assert m.read(off, size) == layer["tar"][off:off + size]
+        sid = m.zinfo.span_of(off)
+        gets = blobs.requests()
+        assert len(gets) == 1 and gets[0].status == 206
+        assert gets[0].size == compressed_len(m, sid)
+        assert m.stats.spans_fetched == 1
+        # A read across a span boundary: two spans, still one request.
+        boundary = m.span_range(sid + 2)[0]
+        assert m.read(boundary - 10, 20) == layer["tar"][boundary - 10:boundary + 10]
+        gets = blobs.requests()
+        assert len(gets) == 2
+        assert gets[1].size == m._c_end[sid + 2] - m._c_start[sid + 1]
+    with manager(layer, tmp_path / "many", blobs.fetch, fetch_many=blobs.fetch_many) as m:
+        boundary = m.span_range(3)[0]
+        before = len(blobs.requests(settle=0))
+        assert m.read(boundary - 10, 20) == layer["tar"][boundary - 10:boundary + 10]
+        assert len(blobs.requests()) == before + 1
+
+
+def test_corrupted_span_is_retried_then_refused(tmp_path, layer, blobs, caplog):
+    name, off, size = small_file(layer)
+    attempts = {"n": 0, "bad": 100}
+
+    def corrupting(o: int, n: int) -> bytes:
+        attempts["n"] += 1
+        data = bytearray(blobs.fetch(o, n))
+        if attempts["bad"] > 0:
+            attempts["bad"] -= 1
+            data[len(data) // 2] ^= 0x01
+        return bytes(data)
+
+    cfg = config(retries=2)
+    with manager(layer, tmp_path, corrupting, cfg) as m:
+        with caplog.at_level("ERROR", logger="soci_helper.fs.spans"), pytest.raises(SpanFetchError):
+            m.read(off, size)
+        assert attempts["n"] == 3 and m.stats.verify_failures == 3
+        assert len([r for r in caplog.records if "verification" in r.getMessage()]) == 1
+        assert m.stats.bytes_served == 0
+        assert m.cache.usage() == 0
+        # A proxy that corrupts once: the retry gets good bytes and the read succeeds.
+        attempts.update(n=0, bad=1)
+        assert m.read(off, size) == layer["tar"][off:off + size]
+        assert attempts["n"] == 2 and m.stats.verify_failures == 4
+
+
+def test_damaged_cache_entry_is_refetched(tmp_path, layer, blobs):
+    name, off, size = small_file(layer)
+    with manager(layer, tmp_path, blobs.fetch) as m:
+        m.read(off, size)
+        sid = m.zinfo.span_of(off)
+        us, ue = m.span_range(sid)
+        p = m.cache.path(m.layer, us, ue - us)
+    raw = bytearray(p.read_bytes())
+    raw[-1] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    with manager(layer, tmp_path, blobs.fetch) as m:
+        assert m.read(ue - 1, 1) == layer["tar"][ue - 1:ue]
+        assert m.stats.spans_fetched == 1 and m.stats.cache_hits == 0
+    assert p.read_bytes()[-1] == layer["tar"][ue - 1]
+
+
+def test_registry_outage_fails_within_the_bound_and_recovers(tmp_path, layer, registry, monkeypatch):
+    # A second registry on a copy of the storage, so stopping it leaves the shared one alone.
+    work = tmp_path / "reg"
+    work.mkdir()
+    assert registry.dir is not None
+    shutil.copytree(registry.dir / "storage", work / "storage")
+    reg = LocalRegistry(workdir=work)
+    reg.start()
+    b = Blobs(reg, layer["digest"])
+    try:
+        with manager(layer, tmp_path / "cache", b.fetch, config(timeout=1)) as m:
+            _, off, size = small_file(layer)
+            assert m.read(off, size) == layer["tar"][off:off + size]
+            port = reg.port
+            reg.stop()
+            t0 = time.monotonic()
+            with pytest.raises(SpanFetchError):
+                m.read(0, 100)
+            assert time.monotonic() - t0 < 4
+            assert m.read(off, 10) == layer["tar"][off:off + 10]  # cached spans still serve
+            # LocalRegistry picks its port with _free_port: come back on the same address, as a registry would.
+            monkeypatch.setattr(sandbox_registry, "_free_port", lambda: port)
+            reg.start()
+            assert reg.port == port
+            assert m.read(0, 100) == layer["tar"][:100]
+    finally:
+        b.close()
+        reg.stop()
+
+
+def test_two_managers_fetch_a_cold_span_once(tmp_path, layer, blobs):
+    _, off, size = small_file(layer)
+    ms = [manager(layer, tmp_path, blobs.fetch) for _ in range(2)]
+    start = threading.Barrier(4)
+    results: list[bytes] = []
+
+    def reader(m: SpanManager) -> None:
+        start.wait(5)
+        results.append(m.read(off, size))
+
+    threads = [threading.Thread(target=reader, args=(m,)) for m in ms for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert results == [layer["tar"][off:off + size]] * 4
+        assert sum(m.stats.spans_fetched for m in ms) == 1
+        assert len(blobs.requests()) == 1
+    finally:
+        for m in ms:
+            m.close()
+
+
+def _child(ztoc: Ztoc, digest: str, host: str, root: str, off: int, size: int, barrier, out) -> None:
+    c = client_for(host)
+    m = SpanManager(ztoc, digest, lambda o, n: c.get_blob_range(REPO, digest, o, n), SpanCache(root), config())
+    barrier.wait(30)
+    data = m.read(off, size)
+    out.put((hashlib.sha256(data).hexdigest(), m.stats.spans_fetched))
+    m.close()
+    c.close()
+
+
+def test_two_processes_fetch_a_cold_span_once(tmp_path, layer, blobs):
+    _, off, size = small_file(layer)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(layer["ztoc"], layer["digest"], blobs.reg.host, str(tmp_path),
+                                              off, size, barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = [out.get(timeout=60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    want = hashlib.sha256(layer["tar"][off:off + size]).hexdigest()
+    assert [h for h, _ in got] == [want, want]
+    assert sorted(n for _, n in got) == [0, 1]
+    assert len(blobs.requests()) == 1
+
+
+def test_sequential_reads_fetch_spans_ahead(tmp_path, layer, blobs):
+    with manager(layer, tmp_path, blobs.fetch) as m:
+        chunk = 128 << 10
+        first = 2
+        pos = m.span_range(first)[0]
+        for _ in range(3):
+            assert m.read(pos, chunk) == layer["tar"][pos:pos + chunk]
+            pos += chunk
+        ahead = range(first + 1, first + 1 + m.READAHEAD_SPANS)
+        deadline = time.monotonic() + 10
+        while not all(m.is_cached(s) for s in ahead) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert all(m.is_cached(s) for s in ahead)
+        assert not m.is_cached(first + 1 + m.READAHEAD_SPANS + 1)
+    # Random reads do not trigger it.
+    with manager(layer, tmp_path / "random", blobs.fetch) as m:
+        for sid in (8, 2, 12):
+            s = m.span_range(sid)[0]
+            m.read(s, 100)
+        time.sleep(0.2)
+        assert m.stats.spans_fetched == 3
+
+
+def test_prefetch_fetches_ranges_and_artifact_spans(tmp_path, layer, blobs):
+    files = layer["files"][:: max(1, len(layer["files"]) // 5)][:5]
+    with manager(layer, tmp_path, blobs.fetch) as m:
+        m.prefetch([(off, size) for _, off, size in files], timeout=20)
+        want = {s for _, off, size in files for s in m.spans_of(off, size)}
+        assert all(m.is_cached(s) for s in want)
+        assert m.stats.spans_fetched == len(want) and m.stats.bytes_served == 0
+        art = json.dumps({"version": "1.0", "prefetch_spans": [{"start_span": 9, "end_span": 11}]}).encode()
+        m.prefetch_spans(spans_from_prefetch_artifact(art, m.num_spans - 1), timeout=20)
+        assert all(m.is_cached(s) for s in (9, 10, 11))
+        requests = len(blobs.requests())
+        for _, off, size in files:
+            assert m.read(off, size) == layer["tar"][off:off + size]
+        assert len(blobs.requests()) == requests
+
+
+def test_prefetch_artifact_validation():
+    ok = b'{"version":"1.0","prefetch_spans":[{"start_span":3,"end_span":5},{"start_span":0,"end_span":0},' \
+         b'{"start_span":4,"end_span":6}]}'
+    assert spans_from_prefetch_artifact(ok) == [0, 3, 4, 5, 6]
+    assert spans_from_prefetch_artifact(b'{"version":"1.0","prefetch_spans":[]}') == []
+    bad = [
+        b"not json",
+        b"[]",
+        b'{"version":"2.0","prefetch_spans":[]}',
+        b'{"version":"1.0"}',
+        b'{"version":"1.0","prefetch_spans":[1]}',
+        b'{"version":"1.0","prefetch_spans":[{"start_span":2}]}',
+        b'{"version":"1.0","prefetch_spans":[{"start_span":"1","end_span":2}]}',
+        b'{"version":"1.0","prefetch_spans":[{"start_span":true,"end_span":2}]}',
+        b'{"version":"1.0","prefetch_spans":[{"start_span":-1,"end_span":2}]}',
+        b'{"version":"1.0","prefetch_spans":[{"start_span":5,"end_span":2}]}',
+        b"\xff\xfe",
+    ]
+    for data in bad:
+        with pytest.raises(PrefetchArtifactError):
+            spans_from_prefetch_artifact(data)
+    with pytest.raises(PrefetchArtifactError, match="last is 5"):
+        spans_from_prefetch_artifact(ok, max_span_id=5)
+
+
+def test_background_fetch_waits_for_quiet_then_fetches_all_at_the_bounded_rate(tmp_path, layer, blobs):
+    cfg = config()
+    cfg.background_fetch.disable = False
+    cfg.background_fetch.silence_period_msec = 300
+    cfg.background_fetch.fetch_period_msec = 20
+    with manager(layer, tmp_path, blobs.fetch, cfg) as m:
+        _, off, size = small_file(layer)
+        m.read(off, size)
+        m.start_background_fetch()
+        bg = m.background
+        assert bg is not None
+        # Foreground activity keeps it paused.
+        for _ in range(8):
+            m.note_activity()
+            time.sleep(0.05)
+        assert m.stats.spans_fetched == 1
+        t0 = time.monotonic()
+        assert bg.done.wait(30)  # type: ignore[attr-defined]
+        elapsed = time.monotonic() - t0
+        assert all(m.is_cached(s) for s in range(m.num_spans))
+        assert m.stats.spans_fetched == m.num_spans
+        # One span per period at most, after the silence period.
+        assert elapsed >= 0.3 + (m.num_spans - 2) * 0.02
+        assert not bg._thread.is_alive() or bg._thread.join(2) is None  # type: ignore[attr-defined]
+    cfg.background_fetch.disable = True
+    with manager(layer, tmp_path / "off", blobs.fetch, cfg) as m:
+        m.start_background_fetch()
+        assert m.background is None
+
+
+def test_closed_manager_refuses_reads(tmp_path, layer, blobs):
+    m = manager(layer, tmp_path, blobs.fetch)
+    m.close()
+    with pytest.raises(SpanFetchError):
+        m.read(0, 10)
+
+
+def test_stats_json_and_atomic_publish(tmp_path):
+    s = MountStats()
+    s.add(bytes_served=10, cache_hits=2)
+    s.add(bytes_served=5)
+    doc = json.loads(s.to_json(layer="sha256:x"))
+    assert doc["bytes_served"] == 15 and doc["cache_hits"] == 2 and doc["layer"] == "sha256:x"
+    assert doc["verify_failures"] == 0
+    s.write_atomically(tmp_path / "m" / "stats.json", layer="sha256:x")
+    assert json.loads((tmp_path / "m" / "stats.json").read_text()) == doc
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["stats.json"]
+    with pytest.raises(AttributeError):
+        s.add(nonsense=1)
