@@ -1,0 +1,500 @@
+"""The layer server: one detached process per lazy layer mount; it serves the FUSE mount until unmounted."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .. import config as config_mod
+from ..errors import SociError
+from ..ztoc import codec
+from ..ztoc.model import Ztoc
+from ..ztoc.reader import LayerReader
+from .stats import MountStats
+
+log = logging.getLogger("soci.layer-server")
+
+MODULE = "soci_helper.fs.server"  # what `soci mounts` looks for in a server's command line
+STATS_PERIOD_SEC = 2.0
+READ_AHEAD_KB = 1024
+BASE_OPTIONS = ("subtype=soci", "ro", "allow_other", "default_permissions")
+# Generic mount flags libfuse accepts and that make sense on a read-only layer.
+PASSTHROUGH_OPTIONS = frozenset({"nosuid", "nodev", "noexec", "suid", "dev", "exec", "noatime", "atime",
+                                 "relatime", "nodiratime", "diratime"})
+
+
+def mounts_dir(root: str | os.PathLike[str]) -> Path:
+    return Path(root) / "mounts"
+
+
+def state_path(root: str | os.PathLike[str], mount_id: str) -> Path:
+    return mounts_dir(root) / f"{mount_id}.json"
+
+
+def log_path(root: str | os.PathLike[str], mount_id: str) -> Path:
+    return mounts_dir(root) / f"{mount_id}.log"
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(slots=True)
+class ServerSpec:
+    """Everything a layer server needs; none of it is secret (credentials are looked up by the server)."""
+
+    root: str
+    mount_id: str
+    mountpoint: str
+    source: str  # HOST/REPO@LAYER_DIGEST as given to mount; also the mount's fsname
+    host: str
+    repository: str
+    layer_digest: str
+    ztoc_digest: str
+    image_ref: str = ""
+    plain_http: bool = False
+    config_path: str | None = None
+    extra_options: tuple[str, ...] = ()
+
+    def to_argv(self) -> list[str]:
+        argv = ["--root", self.root, "--id", self.mount_id, "--source", self.source, "--host", self.host,
+                "--repository", self.repository, "--layer", self.layer_digest, "--ztoc", self.ztoc_digest]
+        if self.image_ref:
+            argv += ["--image-ref", self.image_ref]
+        if self.plain_http:
+            argv.append("--plain-http")
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        for opt in self.extra_options:
+            argv += ["--option", opt]
+        argv.append(self.mountpoint)
+        return argv
+
+
+def mount_options(spec: ServerSpec) -> set[str]:
+    # libfuse splits options on commas; a source with one would corrupt the option string.
+    fsname = spec.source.replace(",", "_").replace("\\", "_")
+    return {f"fsname={fsname}", *BASE_OPTIONS, *spec.extra_options}
+
+
+# --- where layer bytes come from ----------------------------------------------
+
+
+def make_fetch(spec: ServerSpec) -> Callable[[int, int], bytes]:
+    """Compressed-blob range reads: the local content store when it holds the layer, else the registry."""
+    from ..store.content import ContentStore
+
+    store = ContentStore(spec.root)
+    if store.has(spec.layer_digest):
+        path = store.path(spec.layer_digest)
+
+        def local(offset: int, length: int) -> bytes:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+
+        log.info("layer %s is in the local store; reading it from there", spec.layer_digest)
+        return local
+    from ..oci.auth import resolve_credentials
+    from ..oci.registry import RegistryOptions, get_client
+
+    creds = resolve_credentials(spec.host)
+    client = get_client(spec.host, RegistryOptions(plain_http=spec.plain_http, credentials=creds))
+    repo, digest = spec.repository, spec.layer_digest
+    # One HEAD now turns an unreachable registry or a missing blob into a failed mount, not EIO later.
+    if client.head_blob(repo, digest) is None:
+        raise SociError(f"layer {digest} is not in {spec.host}/{repo}")
+
+    def remote(offset: int, length: int) -> bytes:
+        return client.get_blob_range(repo, digest, offset, length)
+
+    return remote
+
+
+class StandInReader:
+    """Verified span reads with a small in-memory span LRU: used while no SpanManager is available."""
+
+    def __init__(self, ztoc: Ztoc, layer_digest: str, fetch: Callable[[int, int], bytes], keep: int = 8) -> None:
+        self.inner = LayerReader(ztoc, fetch, f"layer {layer_digest}")
+        self.zinfo = self.inner.zinfo
+        self.stats = MountStats()
+        self.keep = keep
+        self._lru: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._span_locks: dict[int, threading.Lock] = {}
+
+    def _span(self, i: int) -> bytes:
+        with self._lock:
+            data = self._lru.get(i)
+            if data is not None:
+                self._lru.move_to_end(i)
+                self.stats.add(cache_hits=1)
+                return data
+            span_lock = self._span_locks.setdefault(i, threading.Lock())
+        # One fetch per span even when several readers want it at once.
+        with span_lock:
+            with self._lock:
+                data = self._lru.get(i)
+            if data is not None:
+                self.stats.add(cache_hits=1)
+                return data
+            start, end = self.zinfo.compressed_range(i)
+            self.stats.add(cache_misses=1)
+            try:
+                data = self.inner.span(i)
+            except SociError:
+                self.stats.add(verify_failures=1)
+                raise
+            self.stats.add(spans_fetched=1, bytes_fetched=(end or start) - start)
+            with self._lock:
+                self._lru[i] = data
+                while len(self._lru) > self.keep:
+                    self._lru.popitem(last=False)
+            return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        out = bytearray()
+        first = self.zinfo.span_of(offset)
+        last = self.zinfo.span_of(offset + length - 1)
+        for i in range(first, last + 1):
+            s_start, _ = self.zinfo.uncompressed_range(i)
+            data = self._span(i)
+            lo = max(offset, s_start) - s_start
+            hi = min(offset + length, s_start + len(data)) - s_start
+            out += data[lo:hi]
+        self.stats.add(bytes_served=len(out))
+        return bytes(out)
+
+    def note_activity(self) -> None:
+        return None
+
+    def start_background_fetch(self) -> None:
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            self._lru.clear()
+
+
+def make_reader(spec: ServerSpec, ztoc: Ztoc, fetch: Callable[[int, int], bytes],
+                cfg: config_mod.Config) -> tuple[Any, str]:
+    """(reader, kind): the span manager with the shared on-disk span cache, or the stand-in while the span
+    manager cannot be built (it is developed alongside)."""
+    try:
+        from ..store.spancache import SpanCache
+        from .spans import SpanManager
+
+        return SpanManager(ztoc, spec.layer_digest, fetch, SpanCache(spec.root, cfg), cfg), "span-manager"
+    except (ImportError, NotImplementedError) as exc:
+        log.info("span manager not available (%s: %s); using the built-in span reader", type(exc).__name__, exc)
+        return StandInReader(ztoc, spec.layer_digest, fetch), "stand-in"
+
+
+# --- the mount --------------------------------------------------------------
+
+
+def _mountinfo_device(mountpoint: str) -> str | None:
+    """`major:minor` of the FUSE mount at `mountpoint`, read without touching the mount itself."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) < 10:
+            continue
+        mp = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+        sep = fields.index("-") if "-" in fields else -1
+        if mp == mountpoint and sep > 0 and fields[sep + 1] == "fuse.soci":
+            found = fields[2]  # the last one wins: it is the top of the mount stack
+    return found
+
+
+def _raise_read_ahead(mountpoint: str) -> None:
+    dev = _mountinfo_device(mountpoint)
+    if dev is None:
+        log.warning("could not find the mount's device; read-ahead left as is")
+        return
+    try:
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{READ_AHEAD_KB}\n")
+    except OSError as exc:
+        log.warning("could not raise read-ahead of %s: %s", dev, exc.strerror)
+
+
+class LayerServer:
+    """Loads the zTOC, mounts, reports readiness, serves, and keeps its state file current."""
+
+    def __init__(self, spec: ServerSpec, ready_fd: int | None = None) -> None:
+        self.spec = spec
+        self.ready_fd = ready_fd
+        self.started_at = _now()
+        self.state = "starting"
+        self.reader: Any = None
+        self.reader_kind = ""
+        self.fs: Any = None
+        self.entries = 0
+        self.mounted = False
+        self.terminated = False
+        self.error = ""
+
+    # --- readiness pipe ----------------------------------------------------
+
+    def _tell_parent(self, message: str) -> None:
+        if self.ready_fd is None:
+            return
+        fd, self.ready_fd = self.ready_fd, None
+        try:
+            os.write(fd, (message.replace("\n", " ") + "\n").encode())
+        except OSError:
+            pass  # the helper gave up waiting; the state file still says what happened
+        finally:
+            os.close(fd)
+
+    # --- state file ---------------------------------------------------------
+
+    def write_state(self) -> None:
+        stats = getattr(self.reader, "stats", None) or MountStats()
+        extra: dict[str, Any] = {
+            "id": self.spec.mount_id,
+            "pid": os.getpid(),
+            "mountpoint": self.spec.mountpoint,
+            "source": self.spec.source,
+            "layer_digest": self.spec.layer_digest,
+            "ztoc_digest": self.spec.ztoc_digest,
+            "image_ref": self.spec.image_ref,
+            "state": self.state,
+            "started_at": self.started_at,
+            "updated_at": _now(),
+            "entries": self.entries,
+            "reader": self.reader_kind,
+            "read_errors": getattr(self.fs, "read_errors", 0),
+        }
+        if self.error:
+            extra["error"] = self.error
+        try:
+            stats.write_atomically(state_path(self.spec.root, self.spec.mount_id), **extra)
+        except OSError as exc:
+            log.warning("could not write state file: %s", exc)
+
+    # --- life cycle ----------------------------------------------------------
+
+    def prepare(self) -> None:
+        import pyfuse3
+
+        from ..store.content import ContentStore
+        from .inodes import InodeTable
+        from .layerfs import LayerFS
+
+        t0 = time.monotonic()
+        cfg = config_mod.load(self.spec.config_path) if self.spec.config_path else config_mod.load()
+        store = ContentStore(self.spec.root)
+        ztoc = codec.decode(store.read(self.spec.ztoc_digest))
+        table = InodeTable(ztoc, on_warning=lambda msg: log.warning("%s", msg))
+        self.entries = len(table)
+        # The table now holds all the metadata; dropping the decoded entries lets their memory be reused
+        # (spans need only the compression info).
+        ztoc.files = []
+        fetch = make_fetch(self.spec)
+        self.reader, self.reader_kind = make_reader(self.spec, ztoc, fetch, cfg)
+        note = getattr(self.reader, "note_activity", None)
+        self.fs = LayerFS(table, self.reader, cfg.fuse, on_read=note)
+        log.info("loaded zTOC %s: %d inodes, %d spans, in %.3f s (%s reader)", self.spec.ztoc_digest,
+                 self.entries, len(ztoc.span_digests), time.monotonic() - t0, self.reader_kind)
+        if not os.path.isdir(self.spec.mountpoint):
+            raise SociError(f"mount point {self.spec.mountpoint} is not a directory")
+        pyfuse3.init(self.fs, self.spec.mountpoint, mount_options(self.spec))
+        self.mounted = True
+        log.info("mounted %s at %s", self.spec.source, self.spec.mountpoint)
+
+    async def _announce_when_ready(self) -> None:
+        import trio
+
+        # The stat only returns once the FUSE loop answers, so readiness means the mount really serves.
+        await trio.to_thread.run_sync(os.stat, self.spec.mountpoint)
+        _raise_read_ahead(self.spec.mountpoint)
+        self.state = "alive"
+        self.write_state()
+        start_bg = getattr(self.reader, "start_background_fetch", None)
+        if start_bg is not None:
+            start_bg()
+        self._tell_parent("ok")
+        log.info("ready")
+
+    async def _publish(self) -> None:
+        import trio
+
+        while True:
+            await trio.sleep(STATS_PERIOD_SEC)
+            self.write_state()
+
+    async def _on_signals(self) -> None:
+        import pyfuse3
+        import trio
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("got signal %d; unmounting", signum)
+                self.terminated = True
+                pyfuse3.terminate()
+                return
+
+    async def _serve(self) -> None:
+        import pyfuse3
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._announce_when_ready)
+            nursery.start_soon(self._publish)
+            nursery.start_soon(self._on_signals)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    def run(self) -> int:
+        import pyfuse3
+        import trio
+
+        self.write_state()  # early, so a helper that gives up waiting can find (and stop) this process
+        try:
+            self.prepare()
+        except SociError as exc:
+            return self._fail(str(exc))
+        except OSError as exc:
+            return self._fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}")
+        except RuntimeError as exc:  # pyfuse3.init reports a failed mount this way
+            return self._fail(f"mount failed: {exc}")
+        code = 0
+        try:
+            trio.run(self._serve)
+        except BaseException as exc:  # noqa: BLE001 - log it, then still unmount and record the state
+            log.error("server loop failed: %s: %s", type(exc).__name__, exc)
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.terminated = True
+            code = 1
+        finally:
+            self._tell_parent("error: the server stopped before the mount answered")
+            try:
+                # After an external umount the session is gone and unmounting again would fail.
+                pyfuse3.close(unmount=self.terminated)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("closing the FUSE session: %s", exc)
+            if self.reader is not None and hasattr(self.reader, "close"):
+                self.reader.close()
+            self.state = "exited"
+            self.write_state()
+            log.info("unmounted; server exits")
+        return code
+
+    def _fail(self, message: str) -> int:
+        log.error("%s", message)
+        self.error = message
+        if self.mounted:
+            import pyfuse3
+
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self.state = "failed"
+        self.write_state()
+        self._tell_parent(f"error: {message}")
+        return 1
+
+
+# --- process entry ----------------------------------------------------------------
+
+
+def _parse(argv: Sequence[str]) -> tuple[ServerSpec, int | None, bool]:
+    p = argparse.ArgumentParser(prog="soci-layer-server", description="Serve one lazily fetched layer over FUSE.")
+    p.add_argument("--root", required=True)
+    p.add_argument("--id", required=True, dest="mount_id")
+    p.add_argument("--source", required=True)
+    p.add_argument("--host", required=True)
+    p.add_argument("--repository", required=True)
+    p.add_argument("--layer", required=True)
+    p.add_argument("--ztoc", required=True)
+    p.add_argument("--image-ref", default="")
+    p.add_argument("--plain-http", action="store_true")
+    p.add_argument("--config")
+    p.add_argument("--option", action="append", default=[])
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--detach", action="store_true", help="fork into a new session and return at once")
+    p.add_argument("mountpoint")
+    a = p.parse_args(argv)
+    spec = ServerSpec(root=a.root, mount_id=a.mount_id, mountpoint=os.path.abspath(a.mountpoint), source=a.source,
+                      host=a.host, repository=a.repository, layer_digest=a.layer, ztoc_digest=a.ztoc,
+                      image_ref=a.image_ref, plain_http=a.plain_http, config_path=a.config,
+                      extra_options=tuple(a.option))
+    return spec, a.ready_fd, a.detach
+
+
+def _setup_logging(spec: ServerSpec) -> None:
+    mounts_dir(spec.root).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path(spec.root, spec.mount_id))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    # Request-level chatter from urllib3 would fill the log with one line per span fetch.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    spec, ready_fd, detach = _parse(sys.argv[1:] if argv is None else argv)
+    if detach:
+        # Second fork: the helper reaps the first child at once; the server is then nobody's child but
+        # init's, in its own session, so the helper (or the daemon) exiting never takes it down.
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _setup_logging(spec)
+    log.info("starting (pid %d) for %s at %s", os.getpid(), spec.source, spec.mountpoint)
+    return LayerServer(spec, ready_fd).run()
+
+
+def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def is_server_process(pid: int, mount_id: str) -> bool:
+    """Whether `pid` is still the layer server of `mount_id` (not a reused pid)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    try:
+        stat_fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if stat_fields[0] == "Z":
+            return False
+    except (OSError, IndexError):
+        return False
+    return MODULE.encode() in cmd and mount_id.encode() in cmd
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except OSError as exc:
+        print(f"soci-layer-server: error: {os.strerror(exc.errno or errno.EIO)}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,277 @@
+"""`mount -t fuse.soci` end to end: overlayfs over several lazy layers vs umoci, lazy fetching, dead mounts,
+and bad inputs. Real registry, real mount(8), real layer servers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from support.layers import real_files_layer
+from support.mounts import (
+    have_mount_helper,
+    mount_cmd,
+    mount_guard,
+    mounts_under,
+    server_pids,
+    soci_cli,
+    soci_mounts,
+    tree,
+    wait_servers_gone,
+)
+from support.registry import LocalRegistry
+
+from soci_helper.oci.layout import OCILayout
+from soci_helper.sandbox.images import write_image
+
+SMALL_SPAN = 64 << 10
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount(8), FUSE allow_other and overlayfs need root"),
+    pytest.mark.skipif(not have_mount_helper(),
+                       reason="/sbin/mount.fuse.soci is missing: run `bash packaging/dev setup`"),
+]
+
+
+def _info(name: str, **kw: object) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.mtime = 1_690_000_000
+    ti.mode = 0o644
+    for k, v in kw.items():
+        setattr(ti, k, v)
+    return ti
+
+
+def _tar(path: Path, entries: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for ti, data in entries:
+            if ti.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data) if data else None)
+    return path
+
+
+def _layers(d: Path) -> list[Path]:
+    """base (real files + a small tree), then a layer with whiteouts and an opaque dir, then a plain top."""
+    d_ = tarfile.DIRTYPE
+    base_tree = _tar(d / "tree.tar", [
+        (_info("etc/", type=d_, mode=0o755), b""),
+        (_info("etc/a"), b"a from base\n"),
+        (_info("etc/b"), b"b from base\n"),
+        (_info("etc/link", type=tarfile.SYMTYPE, linkname="a"), b""),
+        (_info("etc/hard", type=tarfile.LNKTYPE, linkname="etc/a"), b""),
+        (_info("opq/", type=d_, mode=0o755), b""),
+        (_info("opq/x"), b"x\n"),
+        (_info("opq/sub/y"), b"y\n"),
+        (_info("keep/", type=d_, mode=0o700, uid=10, gid=20), b""),
+        (_info("keep/z", mode=0o600, uid=10, gid=20), b"z\n"),
+        (_info("gone-dir/", type=d_), b""),
+        (_info("gone-dir/inner"), b"inner\n"),
+    ])
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    real = real_files_layer(d / "real.tar", src_dirs=[stdlib / "json", stdlib / "email"])
+    subprocess.run(["tar", "--concatenate", "-f", str(real), str(base_tree)], check=True)
+    # Like image builders do, the upper layers carry the parent directories of what they change: an implied
+    # directory would (correctly) hide the lower directory's owner and mode in overlayfs.
+    mid = _tar(d / "mid.tar", [
+        (_info("etc/", type=d_, mode=0o755), b""),
+        (_info("etc/.wh.b"), b""),
+        (_info(".wh.gone-dir"), b""),
+        (_info("opq/", type=d_, mode=0o750), b""),
+        (_info("opq/.wh..wh..opq"), b""),
+        (_info("opq/new"), b"new in mid\n"),
+        (_info("mid-only", mode=0o4755), b"#!/bin/sh\n"),
+    ])
+    top = _tar(d / "top.tar", [
+        (_info("etc/", type=d_, mode=0o755), b""),
+        (_info("etc/a", mode=0o600), b"a from top\n"),
+        (_info("keep/", type=d_, mode=0o700, uid=10, gid=20), b""),
+        (_info("keep/top-file"), b"top\n"),
+        (_info("etc/.wh.link"), b""),
+    ])
+    return [real, mid, top]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mounthelper")
+    tars = _layers(d)
+    layout = d / "layout"
+    desc = write_image(layout, [(t, "gzip") for t in tars], "v1")
+    manifest = json.loads(OCILayout(layout).read_blob(desc.digest))
+    root = d / "root"
+    with LocalRegistry() as reg:
+        ref = reg.push_oci_layout(layout, "test/stack:v1", tag="v1")
+        soci_cli(root, "create", "--plain-http", "--span-size", str(SMALL_SPAN), "--min-layer-size", "0", ref)
+        cfg = d / "config.toml"
+        cfg.write_text("[background_fetch]\ndisable = true\n")
+        with mount_guard(d, root):
+            yield {"dir": d, "root": root, "reg": reg, "ref": ref, "layout": layout, "config": cfg,
+                   "layers": [x["digest"] for x in manifest["layers"]]}
+    assert not mounts_under(d)
+    assert not server_pids(root)
+
+
+def _source(env: dict, layer: str, repo: str = "test/stack") -> str:
+    return f"{env['reg'].host}/{repo}@{layer}"
+
+
+def _opts(env: dict, *extra: str) -> str:
+    return ",".join(["ro", "plain_http", f"root={env['root']}", f"config={env['config']}", *extra])
+
+
+def _mount(env: dict, layer: str, mnt: Path, *extra: str) -> None:
+    mnt.mkdir(parents=True, exist_ok=True)
+    r = mount_cmd(_source(env, layer), mnt, _opts(env, *extra))
+    assert r.returncode == 0, r.stderr
+    assert "fuse.soci" in next(ln for ln in Path("/proc/mounts").read_text().splitlines() if f" {mnt} " in ln)
+
+
+def _comparable(t: dict) -> dict:
+    out = {}
+    for path, rec in t.items():
+        rec = {k: v for k, v in rec.items() if k not in ("ino", "nlink", "xattrs")}
+        if stat.S_ISDIR(rec["mode"]):
+            rec.pop("mtime_ns")  # umoci and overlayfs both touch directories while applying layers
+        out[path] = rec
+    return out
+
+
+def test_overlay_of_lazy_layers_matches_umoci_unpack(env):
+    d = env["dir"] / "overlay"
+    lowers = []
+    for i, layer in enumerate(env["layers"]):
+        mnt = d / f"l{i}"
+        _mount(env, layer, mnt)
+        lowers.append(str(mnt))
+    merged = d / "merged"
+    merged.mkdir()
+    # The leftmost lowerdir is the top layer.
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", "lowerdir=" + ":".join(reversed(lowers)), str(merged)],
+                   check=True, capture_output=True)
+    try:
+        got = _comparable(tree(merged, xattrs=False))
+        ref_root = env["dir"] / "umoci"
+        subprocess.run(["umoci", "raw", "unpack", "--image", f"{env['layout']}:v1", str(ref_root)],
+                       check=True, capture_output=True)
+        want = _comparable(tree(ref_root, xattrs=False))
+        assert sorted(got) == sorted(want)
+        for path in want:
+            assert got[path] == want[path], path
+        # The points of the stacking, spelled out.
+        assert not (merged / "etc/b").exists() and not (merged / "gone-dir").exists()
+        assert sorted(os.listdir(merged / "opq")) == ["new"]
+        assert (merged / "etc/a").read_text() == "a from top\n"
+        assert (merged / "etc/hard").read_text() == "a from base\n"
+        assert not os.path.lexists(merged / "etc/link")
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+        for mnt in lowers:
+            subprocess.run(["umount", mnt], check=True)
+    assert wait_servers_gone(env["root"])
+
+
+def _blob_gets(env: dict, layer: str) -> int:
+    return sum(1 for e in env["reg"].access_log()
+               if e.method == "GET" and layer in e.path and e.status in (200, 206))
+
+
+def test_reading_one_small_file_fetches_at_most_two_spans(env, tmp_path):
+    # A store of its own: the span cache of the other tests must not hide fetches.
+    root = tmp_path / "root"
+    soci_cli(root, "create", "--plain-http", "--span-size", str(SMALL_SPAN), "--min-layer-size", "0", env["ref"])
+    layer = env["layers"][0]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mount_guard(tmp_path, root):
+        before = _blob_gets(env, layer)
+        r = mount_cmd(_source(env, layer), mnt, f"ro,plain_http,root={root},config={env['config']}")
+        assert r.returncode == 0, r.stderr
+        assert _blob_gets(env, layer) == before, "mounting must not fetch layer data"
+        small = next(p for p in sorted(mnt.rglob("*.py")) if 1000 < p.stat().st_size < 8000)
+        data = small.read_bytes()
+        fetched = _blob_gets(env, layer) - before
+        assert 1 <= fetched <= 2, f"{fetched} range requests for one {len(data)}-byte file"
+        subprocess.run(["umount", str(mnt)], check=True)
+        assert wait_servers_gone(root)
+
+
+def test_killed_server_shows_dead_and_cleanup_unmounts(env):
+    mnt = env["dir"] / "victim"
+    _mount(env, env["layers"][1], mnt)
+    listing = soci_mounts(env["root"], "--json")
+    assert listing.returncode == 0, listing.stderr
+    rows = [r for r in json.loads(listing.stdout) if r["mountpoint"] == str(mnt)]
+    assert len(rows) == 1 and rows[0]["state"] == "alive" and rows[0]["layer_digest"] == env["layers"][1]
+    os.kill(rows[0]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while rows[0]["pid"] in server_pids(env["root"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(OSError):
+        os.listdir(mnt)
+    rows = [r for r in json.loads(soci_mounts(env["root"], "--json").stdout) if r["mountpoint"] == str(mnt)]
+    assert rows[0]["state"] == "dead" and "not connected" in rows[0]["why"]
+    text = soci_mounts(env["root"]).stdout
+    assert str(mnt) in text and "dead" in text
+    r = soci_mounts(env["root"], "cleanup")
+    assert r.returncode == 0, r.stderr
+    assert str(mnt) in r.stdout
+    assert not mounts_under(mnt)
+    assert not [r for r in json.loads(soci_mounts(env["root"], "--json").stdout) if r["mountpoint"] == str(mnt)]
+
+
+def _fails_cleanly(r: subprocess.CompletedProcess[str], mnt: Path, needle: str) -> None:
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("mount.fuse.soci: error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+    assert not mounts_under(mnt)
+
+
+def test_bad_inputs_fail_with_one_line_and_leave_no_mount(env):
+    mnt = env["dir"] / "bad"
+    mnt.mkdir()
+    unknown = "sha256:" + "ab" * 32
+    _fails_cleanly(mount_cmd(_source(env, unknown), mnt, _opts(env)), mnt, "no zTOC for layer")
+    _fails_cleanly(mount_cmd(_source(env, env["layers"][0]), mnt, _opts(env, "bogus=1")), mnt,
+                   "unknown mount option 'bogus=1'")
+    _fails_cleanly(mount_cmd(_source(env, env["layers"][0]), mnt, _opts(env, "password=x")), mnt,
+                   "credentials come from the docker config")
+    # The zTOC is local but the registry is not there: the server must notice before it says "ready".
+    with LocalRegistry() as other:
+        dead_host = other.host
+    r = mount_cmd(f"{dead_host}/test/stack@{env['layers'][0]}", mnt, _opts(env))
+    _fails_cleanly(r, mnt, "cannot connect")
+    assert wait_servers_gone(env["root"])
+    # Called directly, the helper raises the same one-line error.
+    from soci_helper.mount.helper import MountError, mount_layer
+
+    with pytest.raises(MountError, match="unknown mount option"):
+        mount_layer(_source(env, env["layers"][0]), mnt, "ro,nonsense", root=str(env["root"]))
+
+
+def test_helper_called_directly_mounts_and_umount_ends_the_server(env):
+    from soci_helper.mount.helper import mount_layer
+
+    mnt = env["dir"] / "direct"
+    mnt.mkdir()
+    res = mount_layer(_source(env, env["layers"][2]), mnt, _opts(env), root=str(env["root"]))
+    try:
+        assert (mnt / "etc" / "a").read_text() == "a from top\n"
+        assert res.pid in server_pids(env["root"])
+    finally:
+        subprocess.run([sys.executable, "-c", "import subprocess,sys; subprocess.run(['fusermount3','-u',sys.argv[1]],"
+                        "check=True)", str(mnt)], check=True)
+    assert wait_servers_gone(env["root"])
+    assert json.loads(res.state_file.read_text())["state"] == "exited"
