@@ -1,0 +1,1 @@
+"""Client side of containerd's gRPC API: generated stubs (see `protos`) and thin helpers (see `client`)."""

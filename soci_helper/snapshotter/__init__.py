@@ -1,0 +1,1 @@
+"""containerd proxy snapshotter: snapshot metadata, overlay mounts and the gRPC Snapshots service."""
