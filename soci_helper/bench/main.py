@@ -1,21 +1,27 @@
-"""`soci-bench`: runs one benchmark and prints its table (medians of interleaved runs, ratios to a baseline)."""
+"""`soci-bench NAME [ARGS]`: runs one benchmark and prints its table (medians of interleaved runs, ratios)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from . import ztoc_bench
+from . import registry_bench, ztoc_bench
+
+BENCHES: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "ztoc": (ztoc_bench.main, "soci create throughput and memory against gzip -dc; span extraction time"),
+    "registry": (registry_bench.main, "registry client against curl: whole blob and 4 MiB ranges"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="soci-bench", description=__doc__)
-    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    ztoc_bench.add_parser(sub)
-    args = p.parse_args(argv)
-    print(args.func(args))
-    return 0
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in BENCHES:
+        print("usage: soci-bench NAME [ARGS] (NAME --help for its options)\n", file=sys.stderr)
+        for name, (_, what) in BENCHES.items():
+            print(f"  {name:10} {what}", file=sys.stderr)
+        return 2
+    fn, _ = BENCHES[args[0]]
+    return fn(args[1:])
 
 
 if __name__ == "__main__":

@@ -125,8 +125,9 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("ztoc", help="soci create throughput and memory, span extraction time")
-    p.add_argument("--runs", type=int, default=5)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="soci-bench ztoc", description=__doc__)
+    p.add_argument("--runs", type=int, default=5, help="interleaved runs per measurement (default 5)")
     p.add_argument("--dirs", nargs="*", help="directories (relative to /) to build the layer from")
-    p.set_defaults(func=run)
+    print(run(p.parse_args(argv)))
+    return 0

@@ -9,6 +9,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from ..config import DEFAULT_CONFIG_PATH, Config
+from ..config import load as _load_config
 from ..errors import SociError
 from ..oci.source import SourceOptions
 
@@ -87,6 +89,18 @@ def source_options(args: argparse.Namespace) -> SourceOptions:
         skip_verify=args.skip_verify,
         ca_file=args.tlscacert,
         user=user,
-        platform=",".join(getattr(args, "platform", []) or []) or None,
+        platform=_platforms(getattr(args, "platform", None)),
         all_platforms=getattr(args, "all_platforms", False),
+        config=load_config(getattr(args, "config", None)),
     )
+
+
+def _platforms(value: str | list[str] | None) -> str | None:
+    if not value:
+        return None
+    return value if isinstance(value, str) else ",".join(value)
+
+
+def load_config(path: str | None = None) -> Config:
+    """config.toml: the named file (which must exist), else the system one if present, else defaults."""
+    return _load_config(path or DEFAULT_CONFIG_PATH, required=bool(path))

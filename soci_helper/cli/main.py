@@ -22,6 +22,7 @@ from ..ztoc.info import describe
 from ..ztoc.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 from ..ztoc.reader import LayerReader
 from .common import add_platform_flags, add_registry_flags, configure_logging, default_root, run_main, source_options
+from .mounts import add_mounts_parser
 from .progress import Progress
 from .push import add_index_pull_parser, add_push_parser
 
@@ -200,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=default_root(), help="store root (default: %(default)s)")
     p.add_argument("-a", "--address", default="/run/containerd/containerd.sock", help="containerd socket")
     p.add_argument("-n", "--namespace", default="default", help="containerd namespace")
+    p.add_argument("--config", help="config.toml for registry retries, timeouts and mirrors "
+                   "(default: /etc/soci-snapshotter-grpc/config.toml when it exists)")
     p.add_argument("--debug", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -256,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("rebuild-db", help="rebuild the artifacts database from the blobs in the store")
     c.set_defaults(func=cmd_rebuild_db)
+
+    add_mounts_parser(sub)
     return p
 
 
