@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from support.cli import one_error_line, soci
 from support.layers import edge_case_layer, real_files_layer
 from support.registry import LocalRegistry, archive_layout
 
@@ -20,23 +21,6 @@ from soci_helper.sandbox.images import write_image
 
 SPAN = 1 << 20
 MIN = 100_000  # small enough that the test layers get zTOCs, large enough to skip the tiny one
-
-
-def soci(root: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "soci_helper.cli.main", "--root", str(root), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert "Traceback" not in r.stderr, r.stderr
-    if ok:
-        assert r.returncode == 0, f"soci {' '.join(args)} failed: {r.stderr}"
-    return r
-
-
-def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
-    assert r.returncode != 0
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("soci: error: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
-import io
 import json
 import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,11 +12,10 @@ from typing import Any
 
 import pytest
 import requests
+from support.cli import one_error_line, soci
 from support.layers import edge_case_layer, real_files_layer
 from support.registry import LocalRegistry, build_multiplatform_image
 
-from soci_helper.cli.common import run_main
-from soci_helper.cli.push import add_index_pull_parser, add_push_parser
 from soci_helper.errors import DigestError, NotFound, SociError
 from soci_helper.index import soci_index as si
 from soci_helper.index.discover import choose_index, discover
@@ -38,69 +33,6 @@ SIG_TYPE = "application/vnd.example.signature.v1+json"
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def soci(root: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "soci_helper.cli.main", "--root", str(root), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert "Traceback" not in r.stderr, r.stderr
-    if ok:
-        assert r.returncode == 0, f"soci {' '.join(args)} failed: {r.stderr}"
-    return r
-
-
-def _harness() -> argparse.ArgumentParser:
-    # The same parsers `soci` mounts, under a minimal top level.
-    p = argparse.ArgumentParser(prog="soci")
-    p.add_argument("--root", required=True)
-    sub = p.add_subparsers(dest="command", required=True)
-    add_push_parser(sub)
-    idx = sub.add_parser("index")
-    add_index_pull_parser(idx.add_subparsers(dest="index_command", required=True))
-    return p
-
-
-def _wired() -> bool:
-    from soci_helper.cli.main import build_parser
-
-    with contextlib.redirect_stderr(io.StringIO()):
-        try:
-            build_parser().parse_args(["push", "x"])
-            build_parser().parse_args(["index", "pull", "x"])
-        except SystemExit:
-            return False
-    return True
-
-
-def run_cli(root: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    """`soci --root ROOT ARGS`: the installed CLI once the commands are wired in, else the parsers in-process."""
-    if _wired():
-        return soci(root, *args, ok=ok)
-    out, err = io.StringIO(), io.StringIO()
-    ns = _harness().parse_args(["--root", str(root), *args])
-
-    def body() -> int:
-        store = Store.open(ns.root)
-        try:
-            return ns.func(ns, store)
-        finally:
-            store.close()
-
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = run_main("soci", body)
-    r = subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
-    assert "Traceback" not in r.stderr, r.stderr
-    if ok:
-        assert rc == 0, f"soci {' '.join(args)} failed: {r.stderr}"
-    return r
-
-
-def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
-    assert r.returncode != 0
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("soci: error: "), lines[0]
-    return lines[0]
 
 
 def curl(url: str) -> bytes:
@@ -300,7 +232,7 @@ def _image_size(client: RegistryClient, ref: str) -> int:
 def test_push_writes_referrers_tag_and_index_as_specified(registry, image, built, repo, client):
     ref = repo("a")
     b = built[0]
-    r = run_cli(b["root"], "push", "--plain-http", ref)
+    r = soci(b["root"], "push", "--plain-http", ref)
     lines = r.stdout.splitlines()
     assert "checking if a soci index already exists in remote repository..." in lines
     assert f"pushing soci index with digest: {b['digest']}" in lines
@@ -360,28 +292,28 @@ def test_existing_index_policies(registry, image, built, repo):
     assert f"pushed {first['digest']}" in lines
 
     # skip: the registry already has an index, nothing of the second one is pushed.
-    r = run_cli(second["root"], "push", "--plain-http", "--existing-index", "skip", ref)
+    r = soci(second["root"], "push", "--plain-http", "--existing-index", "skip", ref)
     assert (f"soci index found in remote repository with digest: {first['digest']}: skipping pushing artifacts "
             f"for image manifest: {image['digest']}") in r.stdout.splitlines()
     assert second["digest"] not in r.stdout
     assert requests.head(f"{registry.url}/v2/test/c/manifests/{second['digest']}", timeout=10).status_code == 404
 
     # warn (the default): says so, pushes anyway.
-    r = run_cli(second["root"], "push", "--plain-http", ref)
+    r = soci(second["root"], "push", "--plain-http", ref)
     assert (f"[WARN] soci index found in remote repository with digest: {first['digest']}: pushing index anyway"
             in r.stdout.splitlines())
     assert f"successfully pushed artifact with digest: {second['digest']}" in r.stdout
     tag = json.loads(curl(f"{registry.url}/v2/test/c/manifests/{tag_of(image['digest'])}"))
     assert [m["digest"] for m in tag["manifests"]] == [first["digest"], second["digest"]]
 
-    r = run_cli(first["root"], "push", "--plain-http", "--existing-index", "warn", ref)
+    r = soci(first["root"], "push", "--plain-http", "--existing-index", "warn", ref)
     assert "[WARN] multiple soci indices found in remote repository: pushing index anyway" in r.stdout
-    r = run_cli(first["root"], "push", "--plain-http", "--existing-index", "skip", "-q", ref)
+    r = soci(first["root"], "push", "--plain-http", "--existing-index", "skip", "-q", ref)
     assert r.stdout == ""
     # allow: does not even look; quiet prints the digest only.
     lines = _push(first["root"], ref, "allow")
     assert not [ln for ln in lines if "checking" in ln or "found" in ln]
-    r = run_cli(first["root"], "push", "--plain-http", "--existing-index", "allow", "-q", ref)
+    r = soci(first["root"], "push", "--plain-http", "--existing-index", "allow", "-q", ref)
     assert r.stdout.splitlines() == [first["digest"]]
     with pytest.raises(SociError, match="existing-index"):
         _push(first["root"], ref, "bogus")
@@ -391,7 +323,7 @@ def test_discovery_via_referrers_tag_on_a_fresh_store(tmp_path, registry, image,
     ref = repo("d")
     b = built[0]
     _push(b["root"], ref)
-    r = run_cli(tmp_path, "index", "pull", "--plain-http", ref)
+    r = soci(tmp_path, "index", "pull", "--plain-http", ref)
     assert r.stdout.strip() == (f"pulled soci index {b['digest']} (v1, found via referrers tag) for image manifest "
                                 f"{image['digest']}: 2 ztocs")
     for z in b["index"].ztocs:
@@ -444,7 +376,7 @@ def test_several_v1_indexes_choice_is_deterministic_and_explicit_digest_wins(tmp
 
     found = _discover(tmp_path / "r2", ref, explicit=other["digest"])
     assert found.digest == other["digest"] and found.found_via == "explicit digest"
-    r = run_cli(tmp_path / "r3", "index", "pull", "--plain-http", "--soci-index-digest", other["digest"], "-q", ref)
+    r = soci(tmp_path / "r3", "index", "pull", "--plain-http", "--soci-index-digest", other["digest"], "-q", ref)
     assert r.stdout.split() == [other["digest"]]
 
     # An index carrying a creation time beats any without one, whatever its digest.
@@ -490,12 +422,12 @@ def test_referrers_api_is_used_before_the_tag(tmp_path, registry, image, built, 
 
 def test_errors_are_one_clear_line(tmp_path, registry, image, built, repo, client):
     ref = repo("i")
-    r = run_cli(tmp_path / "none", "index", "pull", "--plain-http", ref, ok=False)
+    r = soci(tmp_path / "none", "index", "pull", "--plain-http", ref, ok=False)
     line = one_error_line(r)
     assert "no SOCI index" in line and image["digest"] in line
     with pytest.raises(NotFound):
         _discover(tmp_path / "none", ref)
-    r = run_cli(tmp_path / "empty", "push", "--plain-http", ref, ok=False)
+    r = soci(tmp_path / "empty", "push", "--plain-http", ref, ok=False)
     assert "could not find any soci index manifest v1 to push" in one_error_line(r)
 
     # A zTOC whose bytes in the registry no longer match its digest.
@@ -505,7 +437,7 @@ def test_errors_are_one_clear_line(tmp_path, registry, image, built, repo, clien
     original = victim.read_bytes()
     try:
         victim.write_bytes(original[:100] + bytes([original[100] ^ 0xFF]) + original[101:])
-        r = run_cli(tmp_path / "tampered", "index", "pull", "--plain-http", ref, ok=False)
+        r = soci(tmp_path / "tampered", "index", "pull", "--plain-http", ref, ok=False)
         line = one_error_line(r)
         assert "digest" in line and b["index"].ztocs[0].digest in line
         with pytest.raises(DigestError):
@@ -532,11 +464,11 @@ def test_errors_are_one_clear_line(tmp_path, registry, image, built, repo, clien
     client.put_manifest("test/j", sha(bad), bad,
                         si.MEDIA_TYPE_OCI_MANIFEST)
     add_referrer(client, "test/j", image["digest"], bad)
-    r = run_cli(tmp_path / "bad", "index", "pull", "--plain-http", bad_ref, ok=False)
+    r = soci(tmp_path / "bad", "index", "pull", "--plain-http", bad_ref, ok=False)
     assert "zTOC descriptor 0 is invalid" in one_error_line(r)
 
     # Pushing an image that is not in the registry names it.
-    r = run_cli(b["root"], "push", "--plain-http", f"{registry.host}/test/missing:v1", ok=False)
+    r = soci(b["root"], "push", "--plain-http", f"{registry.host}/test/missing:v1", ok=False)
     assert "test/missing" in one_error_line(r)
 
 
@@ -545,7 +477,7 @@ def test_multi_platform_push_and_discovery_per_platform(tmp_path, registry):
     ref = registry.push_oci_layout(tmp_path / "mp", "test/mp:v1", tag="v1")
     root = tmp_path / "root"
     soci(root, "create", "--plain-http", "--all-platforms", "--min-layer-size", "0", ref)
-    r = run_cli(root, "push", "--plain-http", "--all-platforms", "-q", ref)
+    r = soci(root, "push", "--plain-http", "--all-platforms", "-q", ref)
     pushed = r.stdout.split()
     assert len(pushed) == 2
     for plat, manifest in img.manifests.items():
@@ -553,7 +485,7 @@ def test_multi_platform_push_and_discovery_per_platform(tmp_path, registry):
         (listed,) = tag["manifests"]
         assert listed["digest"] in pushed
         fresh = tmp_path / plat.replace("/", "-")
-        r = run_cli(fresh, "index", "pull", "--plain-http", "-p", plat, ref)
+        r = soci(fresh, "index", "pull", "--plain-http", "-p", plat, ref)
         assert f"for image manifest {manifest}: 2 ztocs" in r.stdout and listed["digest"] in r.stdout
         store = _store(fresh)
         try:
@@ -562,5 +494,5 @@ def test_multi_platform_push_and_discovery_per_platform(tmp_path, registry):
         finally:
             store.close()
     # One platform only: the other's index is not touched.
-    r = run_cli(root, "push", "--plain-http", "-p", "linux/arm64/v8", "--existing-index", "skip", ref)
+    r = soci(root, "push", "--plain-http", "-p", "linux/arm64/v8", "--existing-index", "skip", ref)
     assert r.stdout.count("skipping pushing artifacts") == 1
