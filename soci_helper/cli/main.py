@@ -22,6 +22,7 @@ from ..ztoc.info import describe
 from ..ztoc.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 from ..ztoc.reader import LayerReader
 from .common import add_platform_flags, add_registry_flags, configure_logging, default_root, run_main, source_options
+from .image import add_image_parser
 from .mounts import add_mounts_parser
 from .progress import Progress
 from .push import add_index_pull_parser, add_push_parser
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_rebuild_db)
 
     add_mounts_parser(sub)
+    add_image_parser(sub)
     return p
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 def soci(root: Path, *args: str, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`soci --root ROOT ARGS` as a child process; never a traceback, and exit 0 unless ok=False."""
     cmd = [sys.executable, "-m", "soci_helper.cli.main", "--root", str(root), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     assert "Traceback" not in r.stderr, r.stderr
     if ok:
         assert r.returncode == 0, f"soci {' '.join(args)} failed: {r.stderr}"
