@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import re
 import stat
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterable
 
+from ..ztoc import codec
 from ..ztoc.model import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, FileMetadata, Ztoc, parse_mod_time
 
 log = logging.getLogger(__name__)
@@ -17,37 +21,43 @@ OPAQUE_XATTR = b"trusted.overlay.opaque"
 _XATTR_PREFIX = "SCHILY.xattr."
 _PERM_BITS = 0o7777
 _IMPLIED_DIR_MODE = stat.S_IFDIR | 0o755
+_S_IFMT = 0o170000
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
 
 _TYPE_BITS = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHAR: stat.S_IFCHR,
               BLOCK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+# Anything that makes a name need the careful split: a leading `/` or `.`, `//`, `/./`, `..`, a final `/.`,
+# NUL. Everything else (nearly every real name) is split with one rpartition.
+_UNUSUAL = re.compile(rb"\A[/.]|\A\Z|//|/\./|\.\.|/\.\Z|\x00")
+_MAX_CACHED_TIMES = 65536
+_GO_TIME = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d):([0-5]\d)(?:\.(\d{1,9}))?Z").fullmatch
+_MIN_NS, _MAX_NS = -(1 << 63), (1 << 63) - 1
 
 
 class Node:
-    """One inode. Directories hold `children` (name -> ino, in tar order); hardlinks share one Node."""
+    """A snapshot of one inode's attributes (the table never changes once built); for tests and tools."""
 
     __slots__ = ("ino", "mode", "uid", "gid", "size", "mtime_ns", "rdev", "nlink", "offset", "target",
-                 "xattrs", "children", "listing", "parent")
+                 "xattrs", "parent")
 
-    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, size: int = 0, mtime_ns: int = 0,
-                 rdev: int = 0, offset: int = 0, target: bytes = b"", parent: int = ROOT_INO) -> None:
+    def __init__(self, table: InodeTable, ino: int) -> None:
         self.ino = ino
-        self.mode = mode
-        self.uid = uid
-        self.gid = gid
-        self.size = size
-        self.mtime_ns = mtime_ns
-        self.rdev = rdev
-        self.nlink = 1
-        self.offset = offset  # where the data starts in the uncompressed tar (regular files)
-        self.target = target  # symlink target
-        self.xattrs: dict[bytes, bytes] | None = None
-        self.children: dict[bytes, int] | None = {} if stat.S_ISDIR(mode) else None
-        self.listing: list[tuple[bytes, int]] | None = None  # readdir snapshot, built on first use
-        self.parent = parent
+        self.mode = table.mode[ino]
+        self.uid = table.uid[ino]
+        self.gid = table.gid[ino]
+        self.size = table.size[ino]
+        self.mtime_ns = table.mtime[ino]
+        self.rdev = table.rdev.get(ino, 0)
+        self.nlink = table.nlink[ino]
+        self.offset = table.offset[ino]
+        self.target = table.target.get(ino, b"")
+        self.xattrs = table.xattrs.get(ino)
+        self.parent = table.parent[ino]
 
     @property
     def is_dir(self) -> bool:
-        return self.children is not None
+        return self.mode & _S_IFMT == _S_IFDIR
 
 
 def _makedev(major: int, minor: int) -> int:
@@ -57,301 +67,446 @@ def _makedev(major: int, minor: int) -> int:
     return ((major & 0xFFF) << 8) | ((major & ~0xFFF) << 32) | (minor & 0xFF) | ((minor & ~0xFF) << 12)
 
 
-def split_name(name: str) -> list[bytes] | None:
-    """The path components of a tar name, or None when it must be refused.
+def split_raw(raw: bytes) -> list[bytes] | None:
+    """The path components of a raw tar name, or None when it must be refused.
 
     Leading `/` and `./` are dropped (tar strips them on extraction too); `.` and empty components are
     ignored; a `..` component or a NUL byte refuses the entry, since either could reach outside the layer.
     """
-    raw = name.encode("utf-8", "surrogateescape")
     if b"\0" in raw:
         return None
-    if (b".." not in raw and b"//" not in raw and b"/./" not in raw and raw[:1] not in (b"/", b".")
-            and not raw.endswith(b"/.")):
-        return raw.rstrip(b"/").split(b"/") if raw else []
     parts = [p for p in raw.split(b"/") if p and p != b"."]
     if b".." in parts:
         return None
     return parts
 
 
+def split_name(name: str) -> list[bytes] | None:
+    """split_raw for a name as FileMetadata holds it (surrogate-escaped text)."""
+    return split_raw(name.encode("utf-8", "surrogateescape"))
+
+
+def _entries_of(files: list[FileMetadata]) -> Iterable[codec.RawEntry]:
+    enc = "utf-8"
+    for f in files:
+        yield (f.name.encode(enc, "surrogateescape"), f.type, f.uncompressed_offset, f.uncompressed_size,
+               f.linkname.encode(enc, "surrogateescape"), f.mode, f.uid, f.gid,
+               f.mod_time.encode(enc, "surrogateescape"), f.devmajor, f.devminor, f.pax)
+
+
 class InodeTable:
-    """All inodes of one layer; built once from the zTOC, never changed afterwards."""
+    """All inodes of one layer; built once from the zTOC, never changed afterwards.
+
+    Columnar: inode attributes live in arrays indexed by inode number (a 100k-entry layer costs a few MB,
+    where one object per inode cost ~60), the rare ones (device numbers, link targets, xattrs) in dicts.
+    Directory entries are frozen after the build into one name blob plus arrays, grouped per directory in
+    listing order, with a per-directory name-sorted index for lookups by binary search.
+    """
 
     def __init__(self, ztoc: Ztoc, on_warning: Callable[[str], None] | None = None) -> None:
+        self._start(ztoc.uncompressed_archive_size, on_warning)
+        self._build(_entries_of(ztoc.files))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, on_warning: Callable[[str], None] | None = None) -> tuple[InodeTable, Ztoc]:
+        """(table, zTOC without its entries) straight from a zTOC flatbuffer: no FileMetadata objects.
+
+        Raises ZtocError like codec.decode() for a malformed or inconsistent buffer."""
+        head, entries = codec.decode_raw(data)
+        table = cls.__new__(cls)
+        table._start(head.uncompressed_archive_size, on_warning)
+        try:
+            table._build(entries)
+        except codec.UnorderedEntries:
+            # Stored out of data order (upstream's writer never does): decode() sorts and checks overlaps.
+            ztoc = codec.decode(data)
+            table = cls(ztoc, on_warning)
+        return table, head
+
+    def _start(self, archive_end: int, on_warning: Callable[[str], None] | None) -> None:
         self.warn = on_warning or log.warning
-        self.nodes: list[Node | None] = [None]  # index = inode number; 0 is unused
-        root = Node(ROOT_INO, _IMPLIED_DIR_MODE, parent=ROOT_INO)
-        self.nodes.append(root)
-        self.archive_end = ztoc.uncompressed_archive_size
+        self.archive_end = archive_end
         self.total_size = 0
         self.warnings = 0
-        self._times: dict[str, int] = {}
-        self._days: dict[str, int] = {}
-        self._build(ztoc.files)
-        self._count_dir_links()
+        # Index = inode number; slot 0 is unused, slot 1 is the root.
+        self.mode = array("I", (0, _IMPLIED_DIR_MODE))
+        self.uid = array("I", (0, 0))
+        self.gid = array("I", (0, 0))
+        self.size = array("q", (0, 0))
+        self.mtime = array("q", (0, 0))
+        self.offset = array("q", (0, 0))
+        self.nlink = array("I", (0, 1))
+        self.parent = array("I", (0, ROOT_INO))
+        self.rdev: dict[int, int] = {}
+        self.target: dict[int, bytes] = {}
+        self.xattrs: dict[int, dict[bytes, bytes]] = {}
+        self._views: dict[int, Node] = {}
+        self._dirs: dict[int, tuple[int, int]] = {}
+        self._dblob = b""
+        self._dstart = array("I", (0,))
+        self._dino = array("I")
+        self._dsorted = array("I")
 
     # --- lookups -------------------------------------------------------
 
+    def __len__(self) -> int:
+        return len(self.mode) - 1
+
+    def valid(self, ino: int) -> bool:
+        return 0 < ino < len(self.mode)
+
+    def is_dir(self, ino: int) -> bool:
+        return self.mode[ino] & _S_IFMT == _S_IFDIR
+
     def get(self, ino: int) -> Node:
-        return self.nodes[ino]  # type: ignore[return-value]
+        node = self._views.get(ino)
+        if node is None:
+            node = self._views[ino] = Node(self, ino)
+        return node
 
     @property
     def root(self) -> Node:
         return self.get(ROOT_INO)
 
-    def __len__(self) -> int:
-        return len(self.nodes) - 1
+    def lookup_ino(self, parent: int, name: bytes) -> int:
+        """The inode of `name` in directory `parent`, 0 if there is none (or `parent` is no directory)."""
+        span = self._dirs.get(parent)
+        if span is None:
+            return 0
+        lo, end = span
+        hi = end
+        srt, start, blob = self._dsorted, self._dstart, self._dblob
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            k = srt[mid]
+            if blob[start[k]:start[k + 1]] < name:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < end:
+            k = srt[lo]
+            if blob[start[k]:start[k + 1]] == name:
+                return self._dino[k]
+        return 0
 
     def lookup(self, parent: int, name: bytes) -> Node | None:
-        children = self.get(parent).children
-        if children is None:
-            return None
-        ino = children.get(name)
-        return None if ino is None else self.get(ino)
+        ino = self.lookup_ino(parent, name)
+        return self.get(ino) if ino else None
 
     def resolve(self, path: str) -> Node | None:
         """The node at a path inside the layer (for tests and tools), without following symlinks."""
-        node = self.root
+        ino = ROOT_INO
         for part in (p for p in path.encode("utf-8", "surrogateescape").split(b"/") if p and p != b"."):
-            found = self.lookup(node.ino, part)
-            if found is None:
+            ino = self.lookup_ino(ino, part)
+            if not ino:
                 return None
-            node = found
-        return node
+        return self.get(ino)
+
+    def entry_range(self, ino: int) -> tuple[int, int]:
+        """[first, end) of a directory's entries for entry_at; empty for anything else."""
+        return self._dirs.get(ino, (0, 0))
+
+    def entry_at(self, k: int) -> tuple[bytes, int]:
+        """(name, inode) of directory entry `k`; a directory's entries keep their order for its lifetime."""
+        start = self._dstart
+        return self._dblob[start[k]:start[k + 1]], self._dino[k]
 
     def listing(self, ino: int) -> list[tuple[bytes, int]]:
-        """A directory's entries in a fixed order, so readdir offsets stay valid across calls."""
-        node = self.get(ino)
-        if node.listing is None:
-            node.listing = list(node.children.items()) if node.children is not None else []
-        return node.listing
+        """A directory's entries in a fixed order (tar order), so readdir offsets stay valid across calls."""
+        lo, hi = self.entry_range(ino)
+        return [self.entry_at(k) for k in range(lo, hi)]
 
     # --- building ------------------------------------------------------
 
-    def _refuse(self, f: FileMetadata, why: str) -> None:
+    def _refuse(self, name: bytes, why: str) -> None:
         self.warnings += 1
-        self.warn(f"refused tar entry {f.name!r}: {why}")
+        self.warn(f"refused tar entry {name.decode('utf-8', 'surrogateescape')!r}: {why}")
 
-    def _new(self, mode: int, parent: int) -> Node:
-        node = Node(len(self.nodes), mode, parent=parent)
-        self.nodes.append(node)
-        return node
+    def _build(self, entries: Iterable[codec.RawEntry]) -> None:
+        # Hundreds of thousands of allocations and no cycles: collector passes would only slow the build.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._kids: dict[int, dict[bytes, int]] = {ROOT_INO: {}}
+            # Directory path -> inode, so an entry finds its parent with one lookup instead of a walk.
+            self._dir_cache: dict[bytes, int] = {b"": ROOT_INO}
+            self._times: dict[bytes, int] = {}
+            self._minutes: dict[bytes, int] = {}
+            self._fill(entries)
+            self._freeze()
+        finally:
+            for name in ("_kids", "_dir_cache", "_times", "_minutes"):
+                self.__dict__.pop(name, None)
+            if collecting:
+                gc.enable()
 
-    def _dir_of(self, parts: list[bytes]) -> Node | None:
-        """The directory holding `parts[-1]`, creating implied parents; None if a non-directory is in the way."""
-        node = self.nodes[ROOT_INO]
-        assert node is not None
-        for part in parts[:-1]:
-            children = node.children
-            assert children is not None
-            ino = children.get(part)
-            if ino is None:
-                child = self._new(_IMPLIED_DIR_MODE, node.ino)
-                children[part] = child.ino
-                node = child
+    def _fill(self, entries: Iterable[codec.RawEntry]) -> None:
+        unusual = _UNUSUAL.search
+        dir_cache = self._dir_cache
+        kids = self._kids
+        times = self._times
+        type_bits = _TYPE_BITS
+        modes, uids, gids, sizes, mtimes, offsets, nlinks, parents = (
+            self.mode, self.uid, self.gid, self.size, self.mtime, self.offset, self.nlink, self.parent)
+        archive_end = self.archive_end
+        for entry in entries:
+            name, typ, off, size, link, mode, uid, gid, mt, dmaj, dmin, pax = entry
+            if unusual(name) is None:
+                d, _, base = name.rstrip(b"/").rpartition(b"/")
+                parent = dir_cache.get(d)
+            else:
+                parts = split_raw(name)
+                if parts is None:
+                    self._refuse(name, "name has a '..' component or a NUL byte")
+                    continue
+                if name[:1] == b"/":
+                    self.warnings += 1
+                    self.warn(f"tar entry {name.decode('utf-8', 'surrogateescape')!r}: absolute name taken "
+                              f"relative to the layer root")
+                if not parts:
+                    if typ == DIR:
+                        self._set_attrs(ROOT_INO, entry, _S_IFDIR)  # the archive's "./" entry
+                    else:
+                        self._refuse(name, "empty name")
+                    continue
+                d, base = b"/".join(parts[:-1]), parts[-1]
+                parent = dir_cache.get(d)
+            bits = type_bits.get(typ)
+            if bits is None:
+                if typ != HARDLINK:
+                    self._refuse(name, f"unknown type {typ!r}")
+                    continue
+            elif bits == _S_IFREG and (off < 0 or size < 0 or off + size > archive_end):
+                self._refuse(name, f"data range {off}+{size} runs past the archive end ({archive_end})")
                 continue
-            child = self.nodes[ino]
-            assert child is not None
-            if child.children is None:
-                return None
-            node = child
-        return node
-
-    def _unlink(self, parent: Node, name: bytes) -> None:
-        assert parent.children is not None
-        old = parent.children.pop(name, None)
-        if old is not None:
-            node = self.nodes[old]
-            assert node is not None
-            node.nlink -= 1
-            if node.nlink <= 0 and node.children is None:
-                self.total_size -= node.size
-
-    def _build(self, files: list[FileMetadata]) -> None:
-        for f in files:
-            parts = split_name(f.name)
-            if parts is None:
-                self._refuse(f, "name has a '..' component or a NUL byte")
-                continue
-            if f.name.startswith("/"):
-                self.warnings += 1
-                self.warn(f"tar entry {f.name!r}: absolute name taken relative to the layer root")
-            if not parts:
-                if f.type == DIR:
-                    self._set_attrs(self.root, f, stat.S_IFDIR)  # the archive's "./" entry
-                else:
-                    self._refuse(f, "empty name")
-                continue
-            why = self._bad_entry(f)
-            if why:
-                self._refuse(f, why)
-                continue
-            parent = self._dir_of(parts)
             if parent is None:
-                self._refuse(f, "a parent is not a directory")
+                parent = self._dir_of(d)
+                if parent is None:
+                    self._refuse(name, "a parent is not a directory")
+                    continue
+            children = kids[parent]
+            if base[:4] == WHITEOUT_PREFIX:
+                if base == OPAQUE_MARKER:
+                    self.xattrs.setdefault(parent, {})[OPAQUE_XATTR] = b"y"
+                    continue
+                if typ != HARDLINK:
+                    self._add_whiteout(name, entry, parent, base[4:])
+                    continue
+            if bits is None:
+                self._add_hardlink(name, link, parent, base)
                 continue
-            name = parts[-1]
-            if name == OPAQUE_MARKER:
-                if parent.xattrs is None:
-                    parent.xattrs = {}
-                parent.xattrs[OPAQUE_XATTR] = b"y"
-                continue
-            if f.type == HARDLINK:
-                self._add_hardlink(f, parent, name)
-                continue
-            if name.startswith(WHITEOUT_PREFIX):
-                self._add_whiteout(f, parent, name[len(WHITEOUT_PREFIX):])
-                continue
-            self._add_entry(f, parent, name)
-
-    def _count_dir_links(self) -> None:
-        # A directory's link count is 2 plus one per subdirectory ("." and each child's "..").
-        nodes = self.nodes
-        for node in nodes:
-            if node is None or node.children is None:
-                continue
-            subdirs = 0
-            for ino in node.children.values():
-                if nodes[ino].children is not None:  # type: ignore[union-attr]
-                    subdirs += 1
-            node.nlink = 2 + subdirs
-
-    def _parse_time(self, f: FileMetadata, text: str) -> int:
-        # Fast path for what Go writes (`2023-11-14T22:13:20[.123456789]Z`): the calendar part is cached per
-        # day, since datetime parsing costs more than the rest of building an entry.
-        ns: int | None = None
-        if len(text) >= 20 and text[-1] == "Z" and text[10] == "T" and text[13] == ":" and text[16] == ":":
-            frac = text[19:-1]
-            day = self._days.get(text[:10])
-            if day is None:
-                try:
-                    day = parse_mod_time(text[:10] + "T00:00:00Z")[0]
-                except ValueError:
-                    day = None
+            existing = children.get(base)
+            if existing is not None:
+                if bits == _S_IFDIR and modes[existing] & _S_IFMT == _S_IFDIR:
+                    # tar keeps an existing directory (and its contents) and only updates its attributes.
+                    self._set_attrs(existing, entry, _S_IFDIR)
+                    continue
+                self._unlink(parent, base)  # a later entry wins, as in tar
+            ino = len(modes)
+            modes.append(bits | (mode & _PERM_BITS))
+            # Masks: hostile values must not stop the build (the format's fields are uint32 anyway).
+            uids.append(uid & 0xFFFFFFFF)
+            gids.append(gid & 0xFFFFFFFF)
+            if mt:
+                ns = times.get(mt)
+                if ns is None:
+                    ns = self._parse_time(name, mt)
+                mtimes.append(ns)
+            else:
+                mtimes.append(0)
+            nlinks.append(1)
+            parents.append(parent)
+            if bits == _S_IFREG:
+                sizes.append(size)
+                offsets.append(off)
+                self.total_size += size
+            else:
+                offsets.append(0)
+                if bits == _S_IFDIR:
+                    sizes.append(0)
+                    kids[ino] = {}
+                    dir_cache[d + b"/" + base if d else base] = ino
+                elif bits == stat.S_IFLNK:
+                    self.target[ino] = link
+                    sizes.append(len(link))
                 else:
-                    self._days[text[:10]] = day
-            clock = text[11:19]
-            if day is not None and clock[:2].isdigit() and clock[3:5].isdigit() and clock[6:8].isdigit() and (
-                    not frac or (frac[0] == "." and 1 < len(frac) <= 10 and frac[1:].isdigit())):
-                secs = day + int(clock[:2]) * 3600 + int(clock[3:5]) * 60 + int(clock[6:8])
-                ns = secs * 1_000_000_000 + (int(frac[1:].ljust(9, "0")) if frac else 0)
+                    sizes.append(0)
+                    if bits in (stat.S_IFCHR, stat.S_IFBLK):
+                        self.rdev[ino] = _makedev(dmaj, dmin)
+            if pax:
+                self._set_xattrs(ino, pax)
+            children[base] = ino
+
+    def _new(self, mode: int, parent: int) -> int:
+        ino = len(self.mode)
+        self.mode.append(mode)
+        for col in (self.uid, self.gid, self.size, self.mtime, self.offset):
+            col.append(0)
+        self.nlink.append(1)
+        self.parent.append(parent)
+        if mode & _S_IFMT == _S_IFDIR:
+            self._kids[ino] = {}
+        return ino
+
+    def _dir_of(self, path: bytes) -> int | None:
+        """The directory at `path` (clean, no leading `/`), creating implied ones; None if a non-directory
+        is in the way."""
+        ino = ROOT_INO
+        walked = b""
+        for part in path.split(b"/"):
+            walked = walked + b"/" + part if walked else part
+            children = self._kids[ino]
+            child = children.get(part)
+            if child is None:
+                child = self._new(_IMPLIED_DIR_MODE, ino)
+                children[part] = child
+            elif self.mode[child] & _S_IFMT != _S_IFDIR:
+                return None
+            ino = child
+            self._dir_cache[walked] = ino
+        return ino
+
+    def _unlink(self, parent: int, name: bytes) -> None:
+        old = self._kids[parent].pop(name, None)
+        if old is None:
+            return
+        if self.mode[old] & _S_IFMT == _S_IFDIR:
+            # Paths below the removed directory must no longer resolve to it; rare, so start over.
+            self._dir_cache.clear()
+            self._dir_cache[b""] = ROOT_INO
+            return
+        self.nlink[old] -= 1
+        if self.nlink[old] <= 0:
+            self.total_size -= self.size[old] if self.mode[old] & _S_IFMT == _S_IFREG else 0
+
+    def _parse_time(self, name: bytes, raw: bytes) -> int:
+        # Fast path for what Go writes (`2023-11-14T22:13:20[.123456789]Z`): the part up to the minute is
+        # cached, since datetime parsing costs more than the rest of building an entry.
+        ns: int | None = None
+        m = _GO_TIME(raw)
+        if m is not None:
+            minute = self._minutes.get(m[1])
+            if minute is None:
+                try:
+                    minute = parse_mod_time(m[1].decode("ascii") + ":00Z")[0]
+                except ValueError:
+                    minute = None
+                else:
+                    if len(self._minutes) < _MAX_CACHED_TIMES:
+                        self._minutes[m[1]] = minute
+            if minute is not None:
+                frac = m[3]
+                ns = (minute + int(m[2])) * 1_000_000_000 + (int(frac.ljust(9, b"0")) if frac else 0)
         if ns is None:
+            text = raw.decode("utf-8", "surrogateescape")
             try:
                 secs, nanos = parse_mod_time(text)
                 ns = secs * 1_000_000_000 + nanos
             except ValueError:
                 self.warnings += 1
-                self.warn(f"tar entry {f.name!r}: bad mod_time {text!r}, using 0")
+                self.warn(f"tar entry {name.decode('utf-8', 'surrogateescape')!r}: bad mod_time {text!r}, using 0")
                 ns = 0
-        if len(self._times) < 65536:
-            self._times[text] = ns
+        # Years past 2262 (Go prints up to 9999) do not fit the kernel's signed 64-bit nanoseconds.
+        ns = min(max(ns, _MIN_NS), _MAX_NS)
+        if len(self._times) < _MAX_CACHED_TIMES:
+            self._times[raw] = ns
         return ns
 
-    def _set_attrs(self, node: Node, f: FileMetadata, type_bits: int) -> None:
-        node.mode = type_bits | (f.mode & _PERM_BITS)
-        node.uid = f.uid
-        node.gid = f.gid
-        text = f.mod_time
-        if text:
-            ns = self._times.get(text)
-            if ns is None:
-                ns = self._parse_time(f, text)
-            node.mtime_ns = ns
-        else:
-            node.mtime_ns = 0
+    def _set_xattrs(self, ino: int, pax: dict[str, bytes]) -> None:
         xattrs = None
-        if f.pax:
-            for k, v in f.pax.items():
-                if k.startswith(_XATTR_PREFIX):
-                    if xattrs is None:
-                        xattrs = {}
-                    xattrs[k[len(_XATTR_PREFIX):].encode("utf-8", "surrogateescape")] = v
-        if node.children is not None and node.xattrs and OPAQUE_XATTR in node.xattrs:
+        for k, v in pax.items():
+            if k.startswith(_XATTR_PREFIX):
+                if xattrs is None:
+                    xattrs = {}
+                xattrs[k[len(_XATTR_PREFIX):].encode("utf-8", "surrogateescape")] = v
+        old = self.xattrs.get(ino)
+        if self.mode[ino] & _S_IFMT == _S_IFDIR and old and OPAQUE_XATTR in old:
             # A directory entry after its own opaque marker keeps the marker.
             xattrs = dict(xattrs or {})
-            xattrs[OPAQUE_XATTR] = node.xattrs[OPAQUE_XATTR]
-        node.xattrs = xattrs
+            xattrs[OPAQUE_XATTR] = old[OPAQUE_XATTR]
+        if xattrs:
+            self.xattrs[ino] = xattrs
+        else:
+            self.xattrs.pop(ino, None)
 
-    def _bad_entry(self, f: FileMetadata) -> str:
-        """Why an entry cannot be served at all ("" when it can), checked before any parent is created."""
-        if f.type == HARDLINK:
-            return ""
-        if f.type not in _TYPE_BITS:
-            return f"unknown type {f.type!r}"
-        if f.type == REG:
-            off, size = f.uncompressed_offset, f.uncompressed_size
-            if off < 0 or size < 0 or off + size > self.archive_end:
-                return f"data range {off}+{size} runs past the archive end ({self.archive_end})"
-        return ""
+    def _set_attrs(self, ino: int, entry: codec.RawEntry, type_bits: int) -> None:
+        name, _typ, _off, _size, _link, mode, uid, gid, mt, _dmaj, _dmin, pax = entry
+        self.mode[ino] = type_bits | (mode & _PERM_BITS)
+        self.uid[ino] = uid & 0xFFFFFFFF
+        self.gid[ino] = gid & 0xFFFFFFFF
+        if mt:
+            ns = self._times.get(mt)
+            self.mtime[ino] = self._parse_time(name, mt) if ns is None else ns
+        else:
+            self.mtime[ino] = 0
+        self._set_xattrs(ino, pax)
 
-    def _add_entry(self, f: FileMetadata, parent: Node, name: bytes) -> None:
-        type_bits = _TYPE_BITS[f.type]
-        children = parent.children
-        assert children is not None
-        existing = children.get(name)
-        if type_bits == stat.S_IFDIR and existing is not None:
-            node = self.nodes[existing]
-            assert node is not None
-            if node.children is not None:
-                # tar keeps an existing directory (and its contents) and only updates its attributes.
-                self._set_attrs(node, f, stat.S_IFDIR)
-                return
-        if existing is not None:
-            self._unlink(parent, name)  # a later entry wins, as in tar
-        node = self._new(type_bits, parent.ino)
-        self._set_attrs(node, f, type_bits)
-        if type_bits == stat.S_IFREG:
-            node.size = f.uncompressed_size
-            node.offset = f.uncompressed_offset
-            self.total_size += node.size
-        elif type_bits == stat.S_IFLNK:
-            node.target = f.linkname.encode("utf-8", "surrogateescape")
-            node.size = len(node.target)
-        elif type_bits in (stat.S_IFCHR, stat.S_IFBLK):
-            node.rdev = _makedev(f.devmajor, f.devminor)
-        children[name] = node.ino
-
-    def _add_whiteout(self, f: FileMetadata, parent: Node, name: bytes) -> None:
-        if not name or name in (b".", b".."):
-            self._refuse(f, "whiteout of nothing")
+    def _add_whiteout(self, name: bytes, entry: codec.RawEntry, parent: int, hidden: bytes) -> None:
+        if not hidden or hidden in (b".", b".."):
+            self._refuse(name, "whiteout of nothing")
             return
-        assert parent.children is not None
-        if name in parent.children:
-            self._unlink(parent, name)
-        node = self._new(stat.S_IFCHR, parent.ino)
-        self._set_attrs(node, f, stat.S_IFCHR)
+        children = self._kids[parent]
+        if hidden in children:
+            self._unlink(parent, hidden)
+        ino = self._new(stat.S_IFCHR, parent)
+        self._set_attrs(ino, entry, stat.S_IFCHR)
         # overlayfs recognises a whiteout by type and device only; permission bits do not matter.
-        node.rdev = 0
-        parent.children[name] = node.ino
+        children[hidden] = ino
 
-    def _add_hardlink(self, f: FileMetadata, parent: Node, name: bytes) -> None:
-        target_parts = split_name(f.linkname)
+    def _add_hardlink(self, name: bytes, link: bytes, parent: int, base: bytes) -> None:
+        shown = link.decode("utf-8", "surrogateescape")
+        target_parts = split_raw(link)
         if not target_parts:
-            self._refuse(f, f"hardlink target {f.linkname!r} is unusable")
+            self._refuse(name, f"hardlink target {shown!r} is unusable")
             return
-        target_dir = self.root
-        target: Node | None = None
-        for i, part in enumerate(target_parts):
-            found = self.lookup(target_dir.ino, part)
+        ino = ROOT_INO
+        for part in target_parts:
+            children = self._kids.get(ino)
+            found = children.get(part) if children is not None else None
             if found is None:
-                break
-            if i == len(target_parts) - 1:
-                target = found
-            elif found.children is None:
-                break
-            else:
-                target_dir = found
-        if target is None:
-            self._refuse(f, f"hardlink target {f.linkname!r} is missing")
+                self._refuse(name, f"hardlink target {shown!r} is missing")
+                return
+            ino = found
+        if self.mode[ino] & _S_IFMT == _S_IFDIR:
+            self._refuse(name, f"hardlink target {shown!r} is a directory")
             return
-        if target.children is not None:
-            self._refuse(f, f"hardlink target {f.linkname!r} is a directory")
-            return
-        assert parent.children is not None
-        if parent.children.get(name) == target.ino:
+        children = self._kids[parent]
+        if children.get(base) == ino:
             return  # linking a name to itself changes nothing
-        if name in parent.children:
-            self._unlink(parent, name)
-        parent.children[name] = target.ino
-        target.nlink += 1
+        if base in children:
+            self._unlink(parent, base)
+        children[base] = ino
+        self.nlink[ino] += 1
+
+    def _freeze(self) -> None:
+        """Directory dicts -> one name blob and arrays; also sets directory link counts."""
+        kids = self._kids
+        modes, nlink = self.mode, self.nlink
+        names: list[bytes] = []
+        inos = array("I")
+        starts = array("I", (0,))
+        order = array("I")
+        pos = 0
+        dirs = {}
+        for ino in sorted(kids):
+            children = kids[ino]
+            lo = len(inos)
+            names += children
+            inos.extend(children.values())
+            subdirs = 0
+            for child in children.values():
+                if modes[child] & _S_IFMT == _S_IFDIR:
+                    subdirs += 1
+            # A directory's link count is 2 plus one per subdirectory ("." and each child's "..").
+            nlink[ino] = 2 + subdirs
+            hi = len(inos)
+            dirs[ino] = (lo, hi)
+            order.extend(sorted(range(lo, hi), key=lambda k: names[k]))
+        for name in names:
+            pos += len(name)
+            starts.append(pos)
+        self._dblob = b"".join(names)
+        self._dstart = starts
+        self._dino = inos
+        self._dsorted = order
+        self._dirs = dirs

@@ -13,11 +13,14 @@ import trio
 
 from ..config import FuseConfig
 from ..errors import SociError
-from .inodes import InodeTable, Node
+from .inodes import InodeTable
 
 log = logging.getLogger(__name__)
 
 _BLOCK = 4096
+_S_IFMT = 0o170000
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -51,33 +54,34 @@ class LayerFS(pyfuse3.Operations):
 
     # --- attributes ----------------------------------------------------
 
-    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        t = self.table
         a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
+        mode = t.mode[ino]
+        mtime = t.mtime[ino]
+        size = _BLOCK if mode & _S_IFMT == _S_IFDIR else t.size[ino]
+        a.st_ino = ino
         a.generation = 0
         a.entry_timeout = self.entry_timeout
         a.attr_timeout = self.attr_timeout
-        a.st_mode = node.mode
-        a.st_nlink = node.nlink
-        a.st_uid = node.uid
-        a.st_gid = node.gid
-        a.st_rdev = node.rdev
-        a.st_size = node.size if node.children is None else _BLOCK
+        a.st_mode = mode
+        a.st_nlink = t.nlink[ino]
+        a.st_uid = t.uid[ino]
+        a.st_gid = t.gid[ino]
+        if t.rdev:
+            a.st_rdev = t.rdev.get(ino, 0)
+        a.st_size = size
         a.st_blksize = _BLOCK
-        a.st_blocks = (a.st_size + 511) // 512
-        a.st_atime_ns = node.mtime_ns
-        a.st_mtime_ns = node.mtime_ns
-        a.st_ctime_ns = node.mtime_ns
+        a.st_blocks = (size + 511) // 512
+        a.st_atime_ns = mtime
+        a.st_mtime_ns = mtime
+        a.st_ctime_ns = mtime
         return a
 
-    def _node(self, ino: int) -> Node:
-        try:
-            node = self.table.nodes[ino]
-        except IndexError:
-            node = None
-        if node is None:
+    def _check(self, ino: int) -> int:
+        if not 0 < ino < len(self.table.mode):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return node
+        return ino
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         # overlayfs refuses a lower layer whose filesystem has no statfs.
@@ -94,50 +98,48 @@ class LayerFS(pyfuse3.Operations):
         return s
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        parent = self._node(parent_inode)
-        if parent.children is None:
+        t = self.table
+        if not t.is_dir(self._check(parent_inode)):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name == b".":
-            return self._attrs(parent)
+            return self._attrs(parent_inode)
         if name == b"..":
-            return self._attrs(self._node(parent.parent))
-        ino = parent.children.get(name)
-        if ino is None:
+            return self._attrs(t.parent[parent_inode])
+        ino = t.lookup_ino(parent_inode, name)
+        if not ino:
             # A zero-inode reply lets the kernel cache the miss for negative_timeout.
             miss = pyfuse3.EntryAttributes()
             miss.st_ino = 0
             miss.entry_timeout = self.negative_timeout
             return miss
-        return self._attrs(self._node(ino))
+        return self._attrs(ino)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attrs(self._node(inode))
+        return self._attrs(self._check(inode))
 
     async def forget(self, inode_list: Any) -> None:
         # The table is fixed for the mount's life; nothing to release.
         return None
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self._node(inode)
-        if not stat.S_ISLNK(node.mode):
+        if self.table.mode[self._check(inode)] & _S_IFMT != stat.S_IFLNK:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        return node.target
+        return self.table.target.get(inode, b"")
 
     # --- directories ---------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self._node(inode)
-        if node.children is None:
+        if not self.table.is_dir(self._check(inode)):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        self.table.listing(inode)
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self.table.listing(fh)
+        t = self.table
+        first, end = t.entry_range(fh)
         # Offsets are positions in a listing that never changes, so a resumed readdir continues exactly.
-        for i in range(start_id, len(entries)):
-            name, ino = entries[i]
-            if not pyfuse3.readdir_reply(token, name, self._attrs(self._node(ino)), i + 1):
+        for k in range(first + start_id, end):
+            name, ino = t.entry_at(k)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(ino), k - first + 1):
                 return
 
     async def releasedir(self, fh: int) -> None:
@@ -146,23 +148,24 @@ class LayerFS(pyfuse3.Operations):
     # --- files ---------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self._node(inode)
+        self._check(inode)
         if flags & _WRITE_FLAGS:
             raise _erofs()
-        if node.children is not None:
+        if self.table.is_dir(inode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         # keep_cache: the layer never changes, so the page cache stays valid across opens.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self._node(fh)
-        if not stat.S_ISREG(node.mode) or off >= node.size or size <= 0:
+        t = self.table
+        fsize = t.size[self._check(fh)]
+        if t.mode[fh] & _S_IFMT != _S_IFREG or off >= fsize or size <= 0:
             return b""
-        n = min(size, node.size - off)
+        n = min(size, fsize - off)
         if self.on_read is not None:
             self.on_read()
         try:
-            return await trio.to_thread.run_sync(self.reader.read, node.offset + off, n)
+            return await trio.to_thread.run_sync(self.reader.read, t.offset[fh] + off, n)
         except SociError as exc:
             self.read_errors += 1
             log.error("read of inode %d at %d+%d failed: %s", fh, off, n, exc)
@@ -182,13 +185,13 @@ class LayerFS(pyfuse3.Operations):
     # --- xattrs ----------------------------------------------------------
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        xattrs = self._node(inode).xattrs
+        xattrs = self.table.xattrs.get(self._check(inode))
         if not xattrs or name not in xattrs:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return xattrs[name]
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        xattrs = self._node(inode).xattrs
+        xattrs = self.table.xattrs.get(self._check(inode))
         return list(xattrs) if xattrs else []
 
     # --- everything that writes -------------------------------------------

@@ -66,7 +66,7 @@ class SpanManager:
     # Tunables, small on purpose: a layer server may serve many mounts on two cores.
     WORKERS = 3
     READAHEAD_SPANS = 3
-    MEMORY_SPANS = 6
+    MEMORY_SPANS = 3
     MAX_MERGE_SPANS = 8
 
     stats: MountStats

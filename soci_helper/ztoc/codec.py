@@ -22,14 +22,14 @@ from __future__ import annotations
 import gc
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from operator import itemgetter
 
 from soci_helper import digest as _digest
 from soci_helper.errors import DigestError, ZtocError
 from soci_helper.ztoc.model import ENTRY_TYPES, CompressionAlgorithm, FileMetadata, Ztoc
 
-__all__ = ["encode", "decode", "MAX_ZTOC_SIZE"]
+__all__ = ["encode", "decode", "decode_raw", "RawEntry", "UnorderedEntries", "MAX_ZTOC_SIZE"]
 
 # Flatbuffer offsets are 32-bit and signed offsets reach only 2 GiB.
 MAX_ZTOC_SIZE = (1 << 31) - 1
@@ -450,7 +450,8 @@ def decode(data: bytes | bytearray | memoryview) -> Ztoc:
             gc.enable()
 
 
-def _decode(r: _Reader) -> Ztoc:
+def _decode_head(r: _Reader) -> tuple[Ztoc, list[int]]:
+    """Everything but the entries (files left empty), and the buffer positions of the entries."""
     root = _u32(r.buf, 0)[0]
     zl, (version_o, tool_o, csize, usize, toc_o, cinfo_o) = r.table(root, _ZTOC_KINDS, "root")
     zf = zl.fos
@@ -491,18 +492,24 @@ def _decode(r: _Reader) -> Ztoc:
     tpos = root + zf[4] + toc_o
     tl, (meta_o,) = r.table(tpos, _TOC_KINDS, "TOC")
     count, positions = r.offsets(tpos + tl.fos[0] + meta_o, "TOC metadata") if tl.fos[0] else (0, [])
-    files = _decode_files(r, positions, usize)
-    return Ztoc(
+    head = Ztoc(
         build_tool_identifier=tool,
         compressed_archive_size=csize,
         uncompressed_archive_size=usize,
-        files=files,
+        files=[],
         compression_algorithm=algo,
         max_span_id=max_span_id,
         span_digests=span_digests,
         checkpoints=checkpoints,
         version=version,
     )
+    return head, positions
+
+
+def _decode(r: _Reader) -> Ztoc:
+    head, positions = _decode_head(r)
+    head.files = _decode_files(r, positions, head.uncompressed_archive_size)
+    return head
 
 
 def _decode_files(r: _Reader, positions: list[int], usize: int) -> list[FileMetadata]:
@@ -663,3 +670,138 @@ def _check_unordered(files: list[FileMetadata]) -> None:
                 f"zTOC entry {f.name[:100]!r} at {f.uncompressed_offset} overlaps the previous entry's data"
             )
         next_header = (f.uncompressed_offset + f.uncompressed_size + 511) & ~511
+
+
+# --------------------------------------------------------------------------------------------- raw entries
+
+# (name, type, uncompressed_offset, uncompressed_size, linkname, mode, uid, gid, mod_time, devmajor, devminor,
+# pax): name and linkname stay raw bytes, mod_time is the raw RFC 3339 text (b"" when absent), pax as in
+# FileMetadata. uname and gname are checked but not returned: nothing that serves a layer needs them.
+RawEntry = tuple[bytes, str, int, int, bytes, int, int, int, bytes, int, int, dict[str, bytes]]
+
+
+class UnorderedEntries(Exception):
+    """Raised by decode_raw's iterator after the last entry when they were stored out of data order.
+
+    Upstream sorts such entries before its overlap check; a consumer that needs that order (or the check)
+    falls back to decode(), which does both. Upstream's own writer never stores them out of order.
+    """
+
+
+def decode_raw(data: bytes | bytearray | memoryview) -> tuple[Ztoc, Iterator[RawEntry]]:
+    """Like decode(), without materialising the entries: (zTOC with `files` empty, iterator of RawEntry).
+
+    For a consumer that turns 100k entries into its own compact form: no FileMetadata objects, no text
+    decoding, no list of all entries. The buffer is validated as decode() does (ZtocError from the call
+    for the header, from the iterator for an entry); the iterator raises UnorderedEntries at the end when
+    the entries were not stored in data order, in which case their overlap is not yet checked.
+    """
+    try:
+        buf = data if type(data) is bytes else bytes(memoryview(data).cast("B"))
+    except (TypeError, ValueError) as e:
+        raise ZtocError(f"zTOC data is not a contiguous byte buffer ({e})") from None
+    if len(buf) < 8:
+        raise ZtocError(f"zTOC is too short ({len(buf)} bytes) to be a flatbuffer")
+    if len(buf) > MAX_ZTOC_SIZE:
+        raise ZtocError(f"zTOC is {len(buf)} bytes, over the flatbuffer limit of 2 GiB")
+    r = _Reader(buf)
+    try:
+        head, positions = _decode_head(r)
+    except struct.error:
+        raise ZtocError("zTOC has an offset pointing outside the buffer") from None
+    except (IndexError, OverflowError, RecursionError) as e:
+        raise ZtocError(f"zTOC is malformed ({type(e).__name__})") from None
+    return head, _iter_raw(r, positions, head.uncompressed_archive_size)
+
+
+def _iter_raw(r: _Reader, positions: list[int], usize: int) -> Iterator[RawEntry]:
+    try:
+        yield from _raw_entries(r, positions, usize)
+    except struct.error:
+        raise ZtocError("zTOC has an offset pointing outside the buffer") from None
+    except (IndexError, OverflowError, RecursionError) as e:
+        raise ZtocError(f"zTOC is malformed ({type(e).__name__})") from None
+
+
+def _raw_entries(r: _Reader, positions: list[int], usize: int) -> Iterator[RawEntry]:
+    # The same checks as _decode_files, in the same order, minus the work whose result nobody reads here.
+    buf, n = r.buf, r.n
+    i32, u32 = _i32, _u32
+    plans: dict[int, tuple] = {}
+    types = _TYPE_BY_RAW
+    times: dict[bytes, bytes] = {b"": b""}
+    mt_ok = _MOD_TIME_RE.fullmatch
+    bad_string = "zTOC file entry has a string running past its end or the buffer's"
+    text = 0
+    next_header = 0
+    ordered = True
+    for pos in positions:
+        vt = pos - i32(buf, pos)[0]
+        plan = plans.get(vt)
+        if plan is None:
+            plan = plans[vt] = _file_plan(r, vt)
+        unpack, getter, defaults, sfos = plan
+        values = getter(unpack(buf, pos) + defaults)
+        name_o, type_o, off, size, link_o, mode, uid, gid, uname_o, gname_o, mt_o, dmaj, dmin, xa_o = values
+        if sfos is None:
+            name_b, type_b, link_b, uname_b, gname_b, mt_b, pax = _sparse_entry(r, pos, values)
+            owners = len(uname_b) + len(gname_b)
+        else:
+            fn, ft, fl, fu, fg, fm, fx = sfos
+            p = pos + fn + name_o
+            e = p + 4 + u32(buf, p)[0]
+            if e >= n or buf[e]:
+                raise ZtocError(bad_string)
+            name_b = buf[p + 4 : e]
+            p = pos + ft + type_o
+            e = p + 4 + u32(buf, p)[0]
+            if e >= n or buf[e]:
+                raise ZtocError(bad_string)
+            type_b = buf[p + 4 : e]
+            p = pos + fl + link_o
+            e = p + 4 + u32(buf, p)[0]
+            if e >= n or buf[e]:
+                raise ZtocError(bad_string)
+            link_b = buf[p + 4 : e] if e > p + 4 else b""
+            # Owner names: bounds and terminator checked, text not copied.
+            p = pos + fu + uname_o
+            owners = u32(buf, p)[0]
+            e = p + 4 + owners
+            if e >= n or buf[e]:
+                raise ZtocError(bad_string)
+            p = pos + fg + gname_o
+            k = u32(buf, p)[0]
+            e = p + 4 + k
+            if e >= n or buf[e]:
+                raise ZtocError(bad_string)
+            owners += k
+            p = pos + fm + mt_o
+            e = p + 4 + u32(buf, p)[0]
+            if e >= n or buf[e]:
+                raise ZtocError(bad_string)
+            mt_b = buf[p + 4 : e]
+            p = pos + fx + xa_o
+            pax = _xattrs(r, p) if u32(buf, p)[0] else {}
+        text += len(name_b) + len(type_b) + len(link_b) + owners + len(mt_b) + 30
+        if text > n:
+            raise ZtocError("zTOC references more text than it contains (shared or looping references)")
+        typ = types.get(type_b)
+        if typ is None:
+            raise ZtocError(f"zTOC entry has an unknown type {type_b[:40]!r}")
+        # One shared object per distinct time: layers repeat a handful of them.
+        mod_time = times.get(mt_b)
+        if mod_time is None:
+            if not mt_ok(mt_b):
+                raise ZtocError(f"zTOC entry has an invalid modification time {mt_b[:40]!r}")
+            mod_time = times[mt_b] = mt_b
+        if off < 0 or size < 0 or off + size > usize:
+            raise ZtocError(f"zTOC entry data [{off}, +{size}) lies outside the archive of {usize} bytes")
+        if off < next_header:
+            ordered = False
+        next_header = (off + size + 511) & ~511
+        yield name_b, typ, off, size, link_b, mode, uid, gid, mod_time, dmaj, dmin, pax
+    r.budget -= text
+    if r.budget < 0:
+        raise ZtocError("zTOC references more text than it contains (shared or looping references)")
+    if not ordered:
+        raise UnorderedEntries("zTOC entries are not stored in data order")

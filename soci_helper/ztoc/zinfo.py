@@ -5,8 +5,6 @@ from __future__ import annotations
 import bisect
 import struct
 
-import flatbuffers
-
 from soci_helper.errors import ZtocError
 from soci_helper.ztoc.model import WINDOW_SIZE
 
@@ -219,6 +217,9 @@ class TarZinfo:
 
     def to_bytes(self) -> bytes:
         # Same builder calls, in the same order, as upstream's generated Go code: identical bytes.
+        # Imported here: flatbuffers pulls in numpy when installed, which no reader of zTOCs needs.
+        import flatbuffers
+
         b = flatbuffers.Builder(0)
         b.StartObject(3)
         b.PrependInt32Slot(0, self.version, 0)
