@@ -342,7 +342,7 @@ def test_metrics_render_daemon_counters(tmp_path: Path) -> None:
     counters = metrics.DaemonCounters()
     counters.operation("prepare", 3)
     counters.decision("remote")
-    counters.decision("fallback", 2)
+    counters.decision("failed", 2)
     with pytest.raises(ValueError):
         counters.decision("sideways")
     srv = metrics.MetricsServer("127.0.0.1:0", tmp_path, counters, snapshots=lambda: {"active": 2})
@@ -423,3 +423,22 @@ def test_systemd_socket_activate_interop(tmp_path: Path, procs: list[subprocess.
     ch.close()
     rc, err = _stop(d)
     assert rc == 0, err
+
+
+def test_service_feeds_the_daemon_counters(tmp_path: Path) -> None:
+    from soci_helper.snapshotter.service import Snapshotter
+
+    counters = metrics.DaemonCounters()
+    sn = Snapshotter(tmp_path, counters=counters)
+    try:
+        sn.prepare("ns/1/a", "", {})
+        sn.commit("ns/1/A", "ns/1/a", {})
+        sn.prepare("ns/1/b", "ns/1/A", {"containerd.io/snapshot.ref": "sha256:" + "1" * 64})
+        sn.view("ns/1/v", "ns/1/A", {})
+        sn.remove("ns/1/v")
+    finally:
+        sn.close()
+    ops, decisions = counters.snapshot()
+    ops.pop("cleanup", None)  # start-up recovery sweeps orphan directories too
+    assert ops == {"prepare": 2, "commit": 1, "view": 1, "remove": 1}
+    assert decisions == {"remote": 0, "local": 1, "failed": 0}

@@ -51,3 +51,8 @@ def mirrors_for(cfg: Config, host: str) -> tuple[Mirror, ...]:
             out.append(Mirror(mhost, plain, float(m.request_timeout_sec) or None, hdrs))
         return tuple(out)
     return ()
+
+
+def insecure_host(cfg: Config, host: str) -> bool:
+    """True when config lists `host` as its own insecure mirror: upstream's way to say "plain HTTP here"."""
+    return any(m.plain_http and m.host == host for m in mirrors_for(cfg, host))

@@ -42,14 +42,14 @@ _LAYER_COUNTS = {
     "cache_misses": OP_CACHE_MISS,
 }
 _LAYER_BYTES = {"bytes_served": BYTES_OP_SERVED, "bytes_fetched": BYTES_OP_FETCHED}
-DECISIONS = ("remote", "local", "fallback")
+DECISIONS = ("remote", "local", "failed")
 
 
 class DaemonCounters:
     """What the snapshotter service counts itself; thread-safe, cheap enough to call on every RPC.
 
-    `operation("prepare")` per snapshot operation; `decision("remote" | "local" | "fallback")` per layer
-    the service was asked to mount lazily ("fallback": the lazy mount failed and the layer is unpacked
+    `operation("prepare")` per snapshot operation; `decision("remote" | "local" | "failed")` per layer
+    the service was asked to mount lazily ("failed": the lazy mount or download failed and containerd got an error
     normally, upstream's fuse_mount_failure_count).
     """
 
@@ -151,8 +151,8 @@ def render(mounts: Iterable[Mapping[str, Any]], counters: DaemonCounters | None 
 
     families = [ops, served, mount_states]
     op_counts, decisions = (counters or DAEMON).snapshot()
-    # Always present (upstream's tests read it with layer=""), even before the first fallback.
-    ops.add(decisions["fallback"], layer="", operation_type=OP_MOUNT_FAILURE)
+    # Always present (upstream's tests read it with layer=""), even before the first failure.
+    ops.add(decisions["failed"], layer="", operation_type=OP_MOUNT_FAILURE)
     dec = _Family("soci_snapshotter_layer_decision_count", "counter",
                   "Layers with a lazy-pull request: mounted remotely, unpacked locally, or fallen back after a "
                   "failed lazy mount.")

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .metadata import Usage
+from ..errors import DigestError, LayerError, NotFound, ReferenceError_, RegistryError, SociError, ZtocError
+from ..mount.helper import MountError
+from .metadata import SnapshotError, SnapshotInvalid, SnapshotPrecondition, Usage
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,40 @@ class RemoteLayerDecider(Protocol):
         """Unmount what `prepare` mounted there; called before a snapshot's directory is removed, and for
         leftovers found by Cleanup. Must not raise when nothing is mounted."""
         ...
+
+
+class SnapshotUnavailable(SnapshotError):
+    """A remote dependency (the registry, a layer server) failed for now; retrying later may work."""
+
+    code = "unavailable"
+
+
+class SnapshotInternal(SnapshotError):
+    code = "internal"
+
+
+def remote_error(exc: BaseException) -> SnapshotError:
+    """The containerd error class of a failed remote Prepare: the registry or a layer server being down is
+    UNAVAILABLE; content that cannot be used (bad digest, tar, zTOC, missing blob) is FAILED_PRECONDITION."""
+    if isinstance(exc, SnapshotError):
+        return exc
+    msg = str(exc) or type(exc).__name__
+    if isinstance(exc, RegistryError | ConnectionError | TimeoutError):
+        return SnapshotUnavailable(msg)
+    if isinstance(exc, MountError):
+        return SnapshotUnavailable(msg)
+    if isinstance(exc, ReferenceError_):
+        return SnapshotInvalid(msg)
+    if isinstance(exc, DigestError | LayerError | ZtocError | NotFound | SociError):
+        return SnapshotPrecondition(msg)
+    try:
+        import requests
+
+        if isinstance(exc, requests.RequestException):
+            return SnapshotUnavailable(msg)
+    except ImportError:  # pragma: no cover - requests is a dependency
+        pass
+    return SnapshotInternal(f"{type(exc).__name__}: {msg}")
 
 
 _MNT_DETACH = 2

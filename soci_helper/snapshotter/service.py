@@ -19,7 +19,7 @@ from ..config import Config
 from ..containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
 from ..containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from ..containerd.api.types import mount_pb2
-from . import filters
+from . import filters, metrics
 from .metadata import (
     Kind,
     MetaStore,
@@ -30,7 +30,8 @@ from .metadata import (
     SnapshotPrecondition,
     Usage,
 )
-from .remote import TARGET_REF_LABEL, LayerRequest, LocalOnly, RemoteLayerDecider
+from .metrics import DaemonCounters
+from .remote import TARGET_REF_LABEL, LayerRequest, LocalOnly, RemoteLayerDecider, remote_error
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ _CODES = {
     "already_exists": grpc.StatusCode.ALREADY_EXISTS,
     "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
 }
 LIST_BATCH = 100
 
@@ -104,6 +107,17 @@ def mounts_under(path: Path) -> list[str]:
     return sorted(out, key=len, reverse=True)
 
 
+def _dir_present(path: Path) -> bool:
+    """is_dir that counts a dead FUSE mount (ENOTCONN) as present: its snapshot's layer server died, and the
+    decider's restore mounts it again; stat raising there must not stop the daemon."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return bool(mounts_under(path))
+
+
 def _overlay_index_on() -> bool:
     try:
         return Path("/sys/module/overlay/parameters/index").read_text().strip() == "Y"
@@ -115,13 +129,14 @@ class Snapshotter:
     """The snapshotter's logic, independent of gRPC: ROOT/snapshotter/{metadata.db,snapshots/<id>/{fs,work}}."""
 
     def __init__(self, root: str | Path, config: Config | None = None,
-                 decider: RemoteLayerDecider | None = None) -> None:
+                 decider: RemoteLayerDecider | None = None, counters: DaemonCounters | None = None) -> None:
         self.root = Path(root) / "snapshotter"
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.config = config or Config()
         self.decider: RemoteLayerDecider = decider or LocalOnly()
+        self.counters = counters or metrics.DAEMON
         self.store = MetaStore(self.root / "metadata.db")
         # A kernel with overlay's inode index on refuses to reuse an upper/lower set elsewhere; containerd
         # turns it off per mount for the same reason.
@@ -129,6 +144,9 @@ class Snapshotter:
         self.recover()
 
     def close(self) -> None:
+        closer = getattr(self.decider, "close", None)
+        if callable(closer):
+            closer()
         self.store.close()
 
     # --- directories --------------------------------------------------
@@ -164,7 +182,7 @@ class Snapshotter:
         removed = self.cleanup()
         for s in self.store.all():
             d = self.dir_of(s)
-            if not (d / "fs").is_dir():
+            if not _dir_present(d / "fs"):
                 if s.kind == Kind.COMMITTED:
                     log.error("committed snapshot %s lost its directory %s", s.key, d)
                     continue
@@ -193,6 +211,7 @@ class Snapshotter:
     # --- operations ---------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        self.counters.operation("prepare")
         s = self.store.create(key, parent, Kind.ACTIVE, labels, hook=self._make_dirs)
         log.info("prepare %s (id %d, parent %s)", key, s.id, parent or "-")
         target = labels.get(TARGET_REF_LABEL, "")
@@ -207,30 +226,52 @@ class Snapshotter:
                            parent_dirs=tuple(self.fs_of(p) for p in self.store.chain(s)))
         try:
             layer = self.decider.prepare(req)
-        except Exception as exc:  # noqa: BLE001 - a failed lazy mount falls back to a normal unpack
-            log.warning("remote layer for %s failed, unpacking locally: %s", target, exc)
-            self.decider.release(req.mountpoint)
-            return False
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one containerd error class
+            err = remote_error(exc)
+            self.counters.decision("failed")
+            log.warning("prepare %s (target %s) failed: %s", s.key, target, err)
+            self._abandon(s, req.mountpoint)
+            raise err from None
         if layer is None:
+            self.counters.decision("local")
             return False
         commit_labels = {**labels, **layer.labels}
         try:
-            self.store.commit(s.key, target, commit_labels, layer.usage)
-        except SnapshotExists:
-            # Another namespace committed this chainID already; containerd finds that one only if the
-            # parent matches, so keep ours under a unique name instead of dropping it.
-            unique = f"{target}@{s.id}"
-            self.store.commit(s.key, unique, commit_labels, layer.usage)
-            target = unique
+            try:
+                self.store.commit(s.key, target, commit_labels, layer.usage)
+            except SnapshotExists:
+                # Another namespace committed this chainID already; containerd finds that one only if the
+                # parent matches, so keep ours under a unique name instead of dropping it.
+                unique = f"{target}@{s.id}"
+                self.store.commit(s.key, unique, commit_labels, layer.usage)
+                target = unique
+        except Exception:
+            self._abandon(s, req.mountpoint)
+            raise
+        self.counters.decision("remote")
         log.info("remote layer %s committed as %s (id %d)", s.key, target, s.id)
         return True
 
+    def _abandon(self, s: Snapshot, mountpoint: Path) -> None:
+        """Undo a Prepare whose remote layer failed: no mount, no row, no directory is left."""
+        try:
+            self.decider.release(mountpoint)
+        except Exception:  # noqa: BLE001 - the row and directory must still go
+            log.exception("releasing %s failed", mountpoint)
+        try:
+            self.store.remove(s.key)
+        except SnapshotError:
+            pass
+        self._remove_dir(self.dir_of(s))
+
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        self.counters.operation("view")
         s = self.store.create(key, parent, Kind.VIEW, labels, hook=self._make_dirs)
         log.info("view %s (id %d, parent %s)", key, s.id, parent or "-")
         return self.mounts(s)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> Snapshot:
+        self.counters.operation("commit")
         s = self.store.get(key)
         fs = self.fs_of(s)
         # A lazy layer's size is what its decider said; walking FUSE would fetch metadata for nothing.
@@ -240,6 +281,7 @@ class Snapshotter:
         return c
 
     def remove(self, key: str) -> None:
+        self.counters.operation("remove")
         s = self.store.remove(key)
         self._remove_dir(self.dir_of(s))
         log.info("remove %s (id %d)", key, s.id)
@@ -256,6 +298,7 @@ class Snapshotter:
 
     def cleanup(self) -> int:
         """Remove directories that no snapshot owns (left by crashes or failed removals)."""
+        self.counters.operation("cleanup")
         known = self.store.ids()
         removed = 0
         for d in self.snapshots_dir.iterdir():
@@ -264,6 +307,20 @@ class Snapshotter:
             if self._remove_dir(d):
                 removed += 1
         return removed
+
+
+def build_snapshotter(root: str, config: Config) -> Snapshotter:
+    """The snapshotter the daemon serves: ROOT's metadata, the SOCI decider, and lazy mounts restored (adopted
+    when their layer server still answers, mounted again when it died or the machine rebooted)."""
+    from .soci import SociDecider
+
+    decider = SociDecider(root, config)
+    sn = Snapshotter(root, config, decider=decider)
+    try:
+        decider.restore(sn)
+    except Exception:  # noqa: BLE001 - serving the snapshots that work beats refusing to start
+        log.exception("restoring lazy layers failed")
+    return sn
 
 
 def _ts(ns: int, out: Any) -> None:
@@ -336,6 +393,7 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         def run() -> Snapshot:
             if not request.info.name:
                 raise SnapshotInvalid("snapshot name must be set")
+            self.sn.counters.operation("update")
             s = self.sn.store.update(request.info.name, dict(request.info.labels), paths)
             log.info("update %s (%s)", s.key, ",".join(paths) or "all labels")
             return s

@@ -1,0 +1,486 @@
+"""The SOCI decider: at Prepare, mount indexed layers lazily, unpack the rest of an indexed image locally."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import config as config_mod
+from .. import digest as dg
+from ..config import Config
+from ..errors import NotFound, SociError
+from ..fs import server as srv
+from ..index import soci_index as si
+from ..index.discover import discover
+from ..index.ops import Store
+from ..mount.helper import force_unmount, mount_layer, soci_mounts_at
+from ..oci import mediatype as mt
+from ..oci.auth import resolve_credentials
+from ..oci.manifest import Descriptor, parse_image_manifest
+from ..oci.mirrors import insecure_host
+from ..oci.reference import Reference, parse_reference
+from ..oci.registry import RegistryClient, RegistryOptions, get_client
+from ..oci.source import SourceOptions
+from ..store.artifacts import TYPE_INDEX
+from .metadata import SnapshotInvalid, SnapshotPrecondition, Usage
+from .remote import LayerRequest, RemoteLayer, lazy_unmount
+from .unpack import unpack_blob
+
+if TYPE_CHECKING:
+    from .service import Snapshotter
+
+log = logging.getLogger(__name__)
+
+# Labels a lazy pull (`soci image rpull`, or CRI) puts on Prepare; containerd passes `containerd.io/snapshot/*`.
+IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
+LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
+MANIFEST_DIGEST_LABEL = "containerd.io/snapshot/cri.manifest-digest"
+IMAGE_LAYERS_LABEL = "containerd.io/snapshot/cri.image-layers"
+INDEX_DIGEST_LABEL = "containerd.io/snapshot/remote/soci.index.digest"
+# Put on the committed snapshot: how its content got there.
+REMOTE_LABEL = "containerd.io/snapshot/remote"
+MODE_LABEL = "containerd.io/snapshot/remote/soci.mode"
+ZTOC_LABEL = "containerd.io/snapshot/remote/soci.ztoc.digest"
+
+# Negative discovery results expire: an index may be pushed after a first pull found none.
+NO_INDEX_TTL = 60.0
+_LOOPBACK = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS remote_mounts (
+    snapshot_id INTEGER PRIMARY KEY,
+    mountpoint TEXT NOT NULL,
+    source TEXT NOT NULL,
+    options TEXT NOT NULL,
+    layer_digest TEXT NOT NULL,
+    ztoc_digest TEXT NOT NULL,
+    created_ns INTEGER NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class MountRecord:
+    """What a lazy snapshot mounted: enough to mount it again after its layer server died or a reboot."""
+
+    snapshot_id: int
+    mountpoint: str
+    source: str
+    options: str
+    layer_digest: str
+    ztoc_digest: str
+
+
+class MountTable:
+    """A side table in the snapshot database; containerd may rewrite a snapshot's labels, never this."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def put(self, r: MountRecord) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO remote_mounts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (r.snapshot_id, r.mountpoint, r.source, r.options, r.layer_digest, r.ztoc_digest,
+                              time.time_ns()))
+
+    def delete(self, mountpoint: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM remote_mounts WHERE mountpoint = ?", (mountpoint,))
+
+    def all(self) -> list[MountRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT snapshot_id, mountpoint, source, options, layer_digest, ztoc_digest "
+                                    "FROM remote_mounts ORDER BY snapshot_id").fetchall()
+        return [MountRecord(int(r[0]), *(str(x) for x in r[1:])) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """One platform image as the registry describes it: layers in order, their diffIDs and chainIDs."""
+
+    reference: Reference  # pinned to the manifest digest
+    manifest_digest: str
+    layers: tuple[Descriptor, ...]
+    diff_ids: tuple[str, ...]
+    chain_ids: tuple[str, ...]
+
+    def position(self, layer_digest: str) -> int:
+        for i, d in enumerate(self.layers):
+            if d.digest == layer_digest:
+                return i
+        raise SnapshotInvalid(f"layer {layer_digest} is not a layer of image manifest {self.manifest_digest}")
+
+
+@dataclass(frozen=True, slots=True)
+class FoundIndex:
+    digest: str
+    index: si.SociIndex
+
+
+def chain_ids(diff_ids: tuple[str, ...]) -> tuple[str, ...]:
+    out: list[str] = []
+    for d in diff_ids:
+        out.append(d if not out else dg.of_bytes(f"{out[-1]} {d}".encode()))
+    return tuple(out)
+
+
+def _label_digest(labels: Mapping[str, str], key: str) -> str | None:
+    value = labels.get(key)
+    if value is None or value == "":
+        return None
+    if not _is_digest(value):
+        raise SnapshotInvalid(f"label {key}: {value[:80]!r} is not a sha256 digest")
+    return value
+
+
+def _is_digest(value: object) -> bool:
+    try:
+        dg.validate(value)  # type: ignore[arg-type]
+    except SociError:
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    return name in _LOOPBACK or name.startswith("127.")
+
+
+class SociDecider:
+    """Prepare with a layer's image labels: a layer with a zTOC (and at least [snapshotter] min_layer_size) is
+    mounted lazily by a detached layer server; the image's other layers are downloaded, checked against their
+    diffIDs and unpacked here; an image with no SOCI index (or one the [pull_modes] disable) is left to
+    containerd."""
+
+    def __init__(self, root: str | os.PathLike[str], config: Config | None = None,
+                 config_path: str | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.config = config or Config()
+        sroot = self.root / "snapshotter"
+        sroot.mkdir(parents=True, exist_ok=True)
+        if config_path is None:
+            # Layer servers read their own config file; give them exactly the daemon's settings.
+            config_path = str(sroot / "layer-server.toml")
+            tmp = Path(config_path + ".tmp")
+            tmp.write_text(config_mod.to_toml(self.config))
+            os.replace(tmp, config_path)
+        self.config_path = config_path
+        self.table = MountTable(sroot / "metadata.db")
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._images: dict[str, ImageInfo] = {}
+        self._indexes: dict[tuple[str, str], tuple[FoundIndex | None, float]] = {}
+
+    def close(self) -> None:
+        self.table.close()
+
+    # --- helpers ------------------------------------------------------------------
+
+    @contextmanager
+    def _once(self, key: str) -> Iterator[None]:
+        """Serialise work on one image: concurrent Prepares of its layers discover its index once."""
+        with self._lock:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
+            yield
+
+    def _plain_http(self, host: str) -> bool:
+        # Like containerd's resolver: loopback registries speak plain HTTP, and so does a host that config.toml
+        # lists as its own insecure mirror ([[resolver.host."H".mirrors]] host = "H", insecure = true).
+        return is_loopback(host) or insecure_host(self.config, host)
+
+    def _client(self, ref: Reference) -> RegistryClient:
+        creds = resolve_credentials(ref.registry)
+        return get_client(ref.api_host, RegistryOptions.from_config(
+            self.config, ref.registry, plain_http=self._plain_http(ref.registry), credentials=creds))
+
+    def _source_opts(self, ref: Reference) -> SourceOptions:
+        return SourceOptions(plain_http=self._plain_http(ref.registry), config=self.config)
+
+    # --- image and index ------------------------------------------------------------
+
+    def _image(self, ref: Reference, manifest_digest: str | None) -> ImageInfo:
+        # Keyed by repository too: the same manifest pushed elsewhere must be fetched from there.
+        key = f"{ref.name}@{manifest_digest}" if manifest_digest else str(ref)
+        cached = self._images.get(key)
+        if cached is not None:
+            return cached
+        client = self._client(ref)
+        if manifest_digest is None:
+            from ..oci.source import open_source, select_manifests
+
+            info = select_manifests(open_source(str(ref), self._source_opts(ref)))[0]
+            data, manifest_digest = info.raw, info.descriptor.digest
+            media_type = info.descriptor.media_type
+        else:
+            data, desc = client.get_manifest(ref.repository, manifest_digest)
+            if dg.of_bytes(data) != manifest_digest:
+                raise SnapshotPrecondition(f"registry {ref.registry}: manifest {manifest_digest} has other content")
+            media_type = desc.media_type
+        man = parse_image_manifest(data, media_type)
+        cfg = json.loads(client.get_blob(ref.repository, man.config.digest, man.config.size))
+        diff_ids = tuple((cfg.get("rootfs") or {}).get("diff_ids") or ())
+        if len(diff_ids) != len(man.layers) or not all(isinstance(d, str) and _is_digest(d) for d in diff_ids):
+            raise SnapshotPrecondition(f"image {manifest_digest}: config lists {len(diff_ids)} diffIDs for "
+                                       f"{len(man.layers)} layers")
+        pinned = Reference(ref.registry, ref.repository, None, manifest_digest)
+        info = ImageInfo(pinned, manifest_digest, tuple(man.layers), diff_ids, chain_ids(diff_ids))
+        self._images[key] = self._images[f"{ref.name}@{manifest_digest}"] = info
+        return info
+
+    def _mode_enabled(self, artifact_type: str) -> bool:
+        if artifact_type == si.ARTIFACT_TYPE_V2:
+            return self.config.pull_modes.soci_v2.enable
+        return self.config.pull_modes.soci_v1.enable
+
+    def _local_index(self, store: Store, info: ImageInfo, explicit: str | None) -> FoundIndex | None:
+        """An index already in the local store (from `soci create`, `index pull` or an earlier discovery)."""
+        if explicit:
+            candidates = [explicit] if store.content.has(explicit) else []
+        else:
+            entries = [e for e in store.db.indexes(info.manifest_digest) if e.type == TYPE_INDEX]
+            entries += [e for e in store.db.indexes() if e.image_digest == info.manifest_digest
+                        and e not in entries]
+            candidates = [e.digest for e in sorted(entries, key=lambda e: e.created_at, reverse=True)]
+        for digest in candidates:
+            if not store.content.has(digest):
+                continue
+            index = store.load_index(digest)
+            if not self._mode_enabled(index.artifact_type):
+                log.info("index %s of %s skipped: its pull mode is disabled", digest, info.manifest_digest)
+                continue
+            if all(store.content.has(z.digest) for z in index.ztocs):
+                return FoundIndex(digest, index)
+        return None
+
+    def _index(self, info: ImageInfo, explicit: str | None) -> FoundIndex | None:
+        key = (info.manifest_digest, explicit or "")
+        hit = self._indexes.get(key)
+        if hit is not None and (hit[0] is not None or time.monotonic() < hit[1]):
+            return hit[0]
+        store = Store.open(str(self.root))
+        try:
+            found = self._local_index(store, info, explicit)
+            if found is None:
+                modes = self.config.pull_modes
+                if not (modes.soci_v1.enable or modes.soci_v2.enable) and not explicit:
+                    log.info("image %s: both SOCI pull modes are disabled", info.manifest_digest)
+                    return None
+                try:
+                    d = discover(str(info.reference), self._source_opts(info.reference), store,
+                                 explicit_index_digest=explicit)
+                except NotFound as exc:
+                    if explicit:
+                        raise SnapshotPrecondition(f"SOCI index {explicit} named by the label: {exc}") from None
+                    log.info("image %s has no SOCI index; layers are unpacked by containerd", info.manifest_digest)
+                    self._indexes[key] = (None, time.monotonic() + NO_INDEX_TTL)
+                    return None
+                if self._mode_enabled(d.index.artifact_type):
+                    found = FoundIndex(d.digest, d.index)
+                else:
+                    log.info("image %s: index %s found via %s, but its pull mode is disabled",
+                             info.manifest_digest, d.digest, d.found_via)
+        finally:
+            store.close()
+        self._indexes[key] = (found, time.monotonic() + NO_INDEX_TTL)
+        return found
+
+    # --- the hook -----------------------------------------------------------------------
+
+    def prepare(self, req: LayerRequest) -> RemoteLayer | None:
+        labels = req.labels
+        layer = _label_digest(labels, LAYER_DIGEST_LABEL)
+        image_ref = labels.get(IMAGE_REF_LABEL, "")
+        if layer is None and not image_ref:
+            return None  # containerd's own unpacker: no image labels, nothing to decide
+        if layer is None or not image_ref:
+            raise SnapshotInvalid(f"labels {IMAGE_REF_LABEL} and {LAYER_DIGEST_LABEL} must be given together")
+        try:
+            ref = parse_reference(image_ref)
+        except SociError as exc:
+            raise SnapshotInvalid(f"label {IMAGE_REF_LABEL}: {exc}") from None
+        manifest_digest = _label_digest(labels, MANIFEST_DIGEST_LABEL)
+        explicit = _label_digest(labels, INDEX_DIGEST_LABEL)
+        for d in filter(None, labels.get(IMAGE_LAYERS_LABEL, "").split(",")):
+            if not _is_digest(d.strip()):
+                raise SnapshotInvalid(f"label {IMAGE_LAYERS_LABEL}: {d[:80]!r} is not a sha256 digest")
+        with self._once(ref.name):
+            info = self._image(ref, manifest_digest)
+            found = self._index(info, explicit)
+        if found is None:
+            return None
+        pos = info.position(layer)
+        if info.chain_ids[pos] != req.target:
+            raise SnapshotInvalid(f"layer {layer} is at chainID {info.chain_ids[pos]} in image "
+                                  f"{info.manifest_digest}, but Prepare targets {req.target}")
+        desc = info.layers[pos]
+        z = found.index.ztoc_for_layer(layer)
+        min_size = self.config.snapshotter.min_layer_size
+        if z is not None and desc.size >= min_size:
+            return self._mount(req, info, desc, z)
+        why = "no zTOC" if z is None else f"smaller than min_layer_size {min_size}"
+        return self._unpack(req, info, pos, why)
+
+    def _mount(self, req: LayerRequest, info: ImageInfo, desc: Descriptor, z: si.ZtocRef) -> RemoteLayer:
+        ref = info.reference
+        source = f"{ref.registry}/{ref.repository}@{desc.digest}"
+        opts = ["ro", f"ztoc={z.digest}", f"root={self.root}", f"config={self.config_path}"]
+        if self._plain_http(ref.registry):
+            opts.append("plain_http")
+        options = ",".join(opts)
+        mountpoint = str(req.mountpoint)
+        res = mount_layer(source, mountpoint, options, root=str(self.root))
+        try:
+            self.table.put(MountRecord(int(req.mountpoint.parent.name), mountpoint, source, options, desc.digest,
+                                       z.digest))
+        except BaseException:
+            self.release(req.mountpoint)
+            raise
+        log.info("layer %s mounted lazily at %s (zTOC %s, server %s)", desc.digest, mountpoint, z.digest, res.pid)
+        return RemoteLayer(labels={REMOTE_LABEL: "soci", MODE_LABEL: "lazy", ZTOC_LABEL: z.digest},
+                           usage=Usage(0, 0))
+
+    def _unpack(self, req: LayerRequest, info: ImageInfo, pos: int, why: str) -> RemoteLayer:
+        from .service import disk_usage  # the service imports this module; its helper is needed only here
+
+        desc = info.layers[pos]
+        comp = mt.layer_compression(desc.media_type)
+        compression = {mt.Compression.GZIP: "gzip", mt.Compression.ZSTD: "zstd",
+                       mt.Compression.UNCOMPRESSED: "none"}.get(comp)
+        store = Store.open(str(self.root))
+        blob = req.mountpoint.parent / "layer.download"
+        started = time.monotonic()
+        try:
+            if store.content.has(desc.digest):
+                path = store.content.path(desc.digest)
+            else:
+                client = self._client(info.reference)
+                # The client verifies size and digest after the last chunk; a mismatch raises before unpacking.
+                with open(blob, "wb") as f:
+                    for chunk in client.open_blob(info.reference.repository, desc.digest, desc.size):
+                        f.write(chunk)
+                path = blob
+            stats = unpack_blob(path, req.mountpoint, compression=compression,
+                                expected_diff_id=info.diff_ids[pos])
+        finally:
+            store.close()
+            blob.unlink(missing_ok=True)
+        usage = disk_usage(req.mountpoint)
+        log.info("layer %s (%s) unpacked locally: %d entries, %d bytes in %.2f s", desc.digest, why, stats.entries,
+                 desc.size, time.monotonic() - started)
+        return RemoteLayer(labels={REMOTE_LABEL: "soci", MODE_LABEL: "local"}, usage=usage)
+
+    # --- unmounting -------------------------------------------------------------------
+
+    def _servers_at(self, mountpoint: str) -> list[tuple[Path, dict[str, object]]]:
+        mdir = srv.mounts_dir(self.root)
+        out = []
+        for path in sorted(mdir.glob("*.json")) if mdir.is_dir() else []:
+            doc = srv.read_state(path)
+            if doc is not None and doc.get("mountpoint") == mountpoint:
+                out.append((path, doc))
+        return out
+
+    def _end_servers(self, servers: list[tuple[Path, dict[str, object]]], grace: float = 3.0) -> None:
+        deadline = time.monotonic() + grace
+        for path, doc in servers:
+            pid, mid = doc.get("pid"), str(doc.get("id") or path.stem)
+            if isinstance(pid, int):
+                # An unmounted server exits by itself; only one that hangs on is ended.
+                while srv.is_server_process(pid, mid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    if not srv.is_server_process(pid, mid):
+                        break
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        break
+                    time.sleep(0.2)
+            path.unlink(missing_ok=True)
+            srv.log_path(self.root, mid).unlink(missing_ok=True)
+
+    def release(self, mountpoint: Path) -> None:
+        mp = str(mountpoint)
+        servers = self._servers_at(mp)
+        if soci_mounts_at(mp):
+            subprocess.run(["fusermount3", "-u", mp], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=20, check=False)
+            if soci_mounts_at(mp) and not force_unmount(mp):
+                log.error("cannot unmount %s", mp)
+        lazy_unmount(mountpoint)
+        self._end_servers(servers)
+        self.table.delete(mp)
+        if servers:
+            log.info("released %s (%d layer server(s))", mp, len(servers))
+
+    # --- restarts -------------------------------------------------------------------------
+
+    def _alive(self, mountpoint: str, servers: list[tuple[Path, dict[str, object]]]) -> bool:
+        if not soci_mounts_at(mountpoint):
+            return False
+        up = any(isinstance(d.get("pid"), int) and srv.is_server_process(int(d["pid"]),  # type: ignore[call-overload]
+                                                                         str(d.get("id") or p.stem))
+                 for p, d in servers)
+        return up and _statfs_ok(mountpoint)
+
+    def restore(self, sn: Snapshotter) -> tuple[int, int, int]:
+        """Before serving: adopt lazy mounts whose layer server still answers, mount again those that are dead
+        or gone (a killed server, a reboot), forget records of removed snapshots. (adopted, remounted, failed)."""
+        ids = sn.store.ids()
+        adopted = remounted = failed = 0
+        for r in self.table.all():
+            if r.snapshot_id not in ids:
+                self.release(Path(r.mountpoint))
+                continue
+            servers = self._servers_at(r.mountpoint)
+            if self._alive(r.mountpoint, servers):
+                adopted += 1
+                continue
+            if soci_mounts_at(r.mountpoint):
+                force_unmount(r.mountpoint)
+            self._end_servers(servers, grace=0.0)
+            try:
+                mount_layer(r.source, r.mountpoint, r.options, root=str(self.root))
+                remounted += 1
+                log.info("re-mounted layer %s at %s", r.layer_digest, r.mountpoint)
+            except Exception as exc:  # noqa: BLE001 - one bad layer must not stop the daemon; the next start retries
+                failed += 1
+                log.error("cannot re-mount layer %s at %s: %s", r.layer_digest, r.mountpoint, exc)
+        log.info("restored lazy layers: %d adopted, %d re-mounted, %d failed", adopted, remounted, failed)
+        return adopted, remounted, failed
+
+
+def _statfs_ok(path: str, timeout: float = 2.0) -> bool:
+    """statfs reaches the layer server (stat may come from the kernel's cache); a hung server must not hang us."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
