@@ -10,7 +10,7 @@ from . import fs_bench, registry_bench, suite, ztoc_bench
 BENCHES: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "ztoc": (ztoc_bench.main, "soci create throughput and memory against gzip -dc; span extraction time"),
     "registry": (registry_bench.main, "registry client against curl: whole blob and 4 MiB ranges"),
-    "fs": (fs_bench.main, "lazy mount and reads against the extracted layer: mount time, RSS, first/second/cached reads"),
+    "fs": (fs_bench.main, "lazy mount and reads against the extracted layer: mount time, RSS, reads"),
     "suite": (suite.main, "lazy start against full pull on realistic workloads, loopback and a shaped network"),
 }
 
