@@ -151,8 +151,11 @@ def test_every_file_equals_the_tar_and_a_second_mount_reads_the_cache(tmp_path, 
 def test_small_cold_file_fetches_at_most_two_spans_in_one_request(tmp_path, layer, blobs):
     name, off, size = small_file(layer)
     with manager(layer, tmp_path, blobs.fetch) as m:
-        assert m.read(off, size) == layer["tar"][off:off + size]
         sid = m.zinfo.span_of(off)
+        assert not m.in_memory(off, size)
+        assert m.read(off, size) == layer["tar"][off:off + size]
+        # The filesystem serves such reads without a thread hop; a span never read is not in memory.
+        assert m.in_memory(off, size) and not m.in_memory(m.span_range(sid + 2)[0], 1)
         gets = blobs.requests()
         assert len(gets) == 1 and gets[0].status == 206
         assert gets[0].size == compressed_len(m, sid)

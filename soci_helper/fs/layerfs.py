@@ -164,8 +164,13 @@ class LayerFS(pyfuse3.Operations):
         n = min(size, fsize - off)
         if self.on_read is not None:
             self.on_read()
+        start = t.offset[fh] + off
         try:
-            return await trio.to_thread.run_sync(self.reader.read, t.offset[fh] + off, n)
+            in_memory = getattr(self.reader, "in_memory", None)
+            if in_memory is not None and in_memory(start, n):
+                # Bytes already inflated in memory: a thread hop would cost more than the copy.
+                return self.reader.read(start, n)
+            return await trio.to_thread.run_sync(self.reader.read, start, n)
         except SociError as exc:
             self.read_errors += 1
             log.error("read of inode %d at %d+%d failed: %s", fh, off, n, exc)

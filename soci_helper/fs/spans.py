@@ -136,6 +136,12 @@ class SpanManager:
 
     # -- the read path -------------------------------------------------------
 
+    def in_memory(self, offset: int, length: int) -> bool:
+        """True if read(offset, length) would be served from inflated spans in memory, without blocking."""
+        ids = self.spans_of(offset, length)
+        with self._mu:
+            return bool(ids) and all(sid in self._mem for sid in ids)
+
     def read(self, offset: int, length: int) -> bytes:
         """Blocking, thread-safe: `length` uncompressed bytes at `offset` (fewer at the layer's end).
 

@@ -10,7 +10,6 @@ import struct
 import tempfile
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,12 @@ from filelock import Timeout as LockTimeout
 from .. import digest as dg
 from ..config import Config
 from ..errors import StoreError
+
+try:
+    # The same CRC-32 as zlib's, about 4x faster: every cache hit checks a whole span with it.
+    from zlib_ng.zlib_ng import crc32 as _crc32
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; stdlib zlib keeps the cache working
+    from zlib import crc32 as _crc32
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +143,7 @@ class SpanCache:
                     why, data = "bad header", None
                 elif len(data) != length:
                     why, data = "short read", None
-                elif zlib.crc32(data) != h_crc:
+                elif _crc32(data) != h_crc:
                     why, data = "checksum mismatch", None
         except OSError as exc:
             log.warning("span cache: cannot read %s: %s", p.name, exc.strerror or exc)
@@ -198,7 +203,7 @@ class SpanCache:
         fd, tmp = tempfile.mkstemp(dir=d, prefix=_TMP_PREFIX)
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
-                f.write(_HEADER.pack(_MAGIC, start, len(data), zlib.crc32(data)))
+                f.write(_HEADER.pack(_MAGIC, start, len(data), _crc32(data)))
                 mv = memoryview(data)
                 while mv:
                     n = f.write(mv)
