@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from . import fs_bench, registry_bench, suite, ztoc_bench
+from . import e2e, fs_bench, registry_bench, suite, ztoc_bench
 
 BENCHES: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "ztoc": (ztoc_bench.main, "soci create throughput and memory against gzip -dc; span extraction time"),
     "registry": (registry_bench.main, "registry client against curl: whole blob and 4 MiB ranges"),
     "fs": (fs_bench.main, "lazy mount and reads against the extracted layer: mount time, RSS, reads"),
+    "e2e": (e2e.main, "pull + run to first output: lazy SOCI against containerd's full pull, loopback and shaped"),
     "suite": (suite.main, "lazy start against full pull on realistic workloads, loopback and a shaped network"),
 }
 

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,7 +83,6 @@ class RssSampler(threading.Thread):
         self.peak = 0
         self._stop_ev = threading.Event()
         self._match: dict[str, bool] = {}
-        self._page = os.sysconf("SC_PAGE_SIZE")
 
     def _matches(self, pid: str) -> bool:
         m = self._match.get(pid)
@@ -102,10 +101,7 @@ class RssSampler(threading.Thread):
         total = 0
         for pid in os.listdir("/proc"):
             if pid.isdigit() and self._matches(pid):
-                try:
-                    total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * self._page
-                except (OSError, IndexError, ValueError):
-                    pass
+                total += process_rss(int(pid)) or 0
         self.peak = max(self.peak, total)
 
     def run(self) -> None:
@@ -118,6 +114,14 @@ class RssSampler(threading.Thread):
         self.join(timeout=5)
         self.sample()
         return self.peak
+
+
+def process_rss(pid: int) -> int | None:
+    """Resident set size of `pid` in bytes; None when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @contextmanager
@@ -145,8 +149,9 @@ def _daemon_config(path: Path, registry_host: str, background_fetch: bool) -> Pa
     return path
 
 
-def _soci(*args: str, root: Path, extra: tuple[str, ...] = (), timeout: float = RUN_TIMEOUT,
-          entry: tuple[str, ...] = ("-m", "soci_helper.cli.main")) -> subprocess.CompletedProcess[str]:
+def run_soci(*args: str, root: Path, extra: tuple[str, ...] = (), timeout: float = RUN_TIMEOUT,
+             entry: tuple[str, ...] = ("-m", "soci_helper.cli.main")) -> subprocess.CompletedProcess[str]:
+    """`soci --root ROOT EXTRA... ARGS...` with this interpreter; raises RuntimeError with its stderr on failure."""
     cmd = [sys.executable, *entry, "--root", str(root), *extra, *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if r.returncode != 0:
@@ -223,8 +228,12 @@ class Refs:
     v2: str
 
 
-def measure(reg: LocalRegistry, w: wl.Workload, mode: str, refs: Refs, state_parent: Path) -> Run:
-    """One cold start: fresh tmpfs state, fresh access-log window, pull then run until the ready line."""
+def measure(reg: LocalRegistry, w: wl.Workload, mode: str, refs: Refs, state_parent: Path,
+            inspect: Callable[[SociSandbox, str], None] | None = None) -> Run:
+    """One cold start: fresh tmpfs state, fresh access-log window, pull then run until the ready line.
+
+    `inspect(sandbox, container stdout)` runs after the container exited, before anything is torn down.
+    """
     lazy = mode in LAZY
     ref = refs.v2 if mode == "soci-v2" else refs.full
     with fresh_state(state_parent) as d:
@@ -242,8 +251,8 @@ def measure(reg: LocalRegistry, w: wl.Workload, mode: str, refs: Refs, state_par
             mark0 = len(reg.access_log())
             t0 = time.perf_counter()
             if lazy:
-                _soci("image", "rpull", "--plain-http", ref, root=sb.snapshotter.root,
-                      extra=("-a", str(c.address), "-n", c.namespace), entry=_rpull_cmd())
+                run_soci("image", "rpull", "--plain-http", ref, root=sb.snapshotter.root,
+                         extra=("-a", str(c.address), "-n", c.namespace), entry=_rpull_cmd())
             else:
                 c.ctr("images", "pull", "--plain-http", ref, timeout=RUN_TIMEOUT)
             pull_s = time.perf_counter() - t0
@@ -252,13 +261,15 @@ def measure(reg: LocalRegistry, w: wl.Workload, mode: str, refs: Refs, state_par
             if lazy:
                 run += ["--snapshotter", "soci"]
             run += [ref, f"bench-{uuid.uuid4().hex[:8]}", *w.command]
-            ready_s, _ = _wait_ready(run, w.ready, RUN_TIMEOUT)
+            ready_s, output = _wait_ready(run, w.ready, RUN_TIMEOUT)
             log = reg.access_log()
             mark2 = len(log)
             bytes_pull = sum(e.size for e in log[mark0:mark1])
             bytes_ready = sum(e.size for e in log[mark0:mark2])
             rss = sampler.stop() if sampler else None
             sampler = None
+            if inspect is not None:
+                inspect(sb, output)
             return Run(round(pull_s, 3), round(ready_s, 3), round(pull_s + ready_s, 3), bytes_pull, bytes_ready, rss)
         finally:
             if sampler is not None:
@@ -289,12 +300,12 @@ def prepare_registry(regdir: Path, images: list[wl.BuiltImage], modes: list[str]
             ref = reg.push_oci_layout(img.layout, f"{_repo(w)}:latest")
             note = f"pushed in {time.monotonic() - t0:.0f} s"
             if "soci-v1" in modes or "soci-v1-nobg" in modes:
-                _soci("create", "--plain-http", "--min-layer-size", str(min_layer_size), ref, root=build_root)
-                _soci("push", "--plain-http", ref, root=build_root)
+                run_soci("create", "--plain-http", "--min-layer-size", str(min_layer_size), ref, root=build_root)
+                run_soci("push", "--plain-http", ref, root=build_root)
                 note += ", v1 index pushed"
             if "soci-v2" in modes:
-                _soci("convert", "--plain-http", "--min-layer-size", str(min_layer_size), ref,
-                      refs_for(reg, w).v2, root=build_root)
+                run_soci("convert", "--plain-http", "--min-layer-size", str(min_layer_size), ref,
+                         refs_for(reg, w).v2, root=build_root)
                 note += ", v2 converted"
             _progress(f"  {w.name}: {note} ({time.monotonic() - t0:.0f} s)")
 
