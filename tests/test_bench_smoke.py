@@ -64,3 +64,13 @@ def test_suite_smoke(modes: list[str], tmp_path: Path, capsys: pytest.CaptureFix
         except OSError:
             continue
         assert str(state).encode() not in argv, argv
+
+
+def test_suite_options_count_before_or_after_the_action():
+    from soci_helper.bench.suite import build_parser
+
+    p = build_parser()
+    before = p.parse_args(["--workloads", "busybox", "--runs", "2", "run"])
+    after = p.parse_args(["run", "--workloads", "busybox", "--runs", "2"])
+    assert before.workloads == after.workloads == ["busybox"] and before.runs == after.runs == 2
+    assert p.parse_args(["run"]).runs == 5

@@ -547,18 +547,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
     r = sub.add_parser("run", help="measure (the default action)")
     for q in (p, r):
-        q.add_argument("--workloads", action="append",
+        # On `run`, options default to "absent" so that ones given before the action are kept.
+        d = (lambda v: v) if q is p else (lambda v: argparse.SUPPRESS)
+        q.add_argument("--workloads", action="append", default=d(None),
                        help=f"comma-separated (default: {','.join(DEFAULT_WORKLOADS)}; all: {','.join(wl.WORKLOADS)})")
-        q.add_argument("--modes", action="append",
+        q.add_argument("--modes", action="append", default=d(None),
                        help=f"comma-separated (default: {','.join(DEFAULT_MODES)}); full pull is always included")
-        q.add_argument("--net", action="append",
+        q.add_argument("--net", action="append", default=d(None),
                        help=f"comma-separated network profiles (default: loopback,200mbit; all: {','.join(PROFILES)})")
-        q.add_argument("--runs", type=int, default=5, help="cold starts per workload and mode (default 5)")
-        q.add_argument("--out", help="directory for results.json, results.md and the PNG charts")
-        q.add_argument("--cache", help="image cache directory (default: the user cache dir)")
-        q.add_argument("--min-layer-size", type=int, default=10 << 20,
+        q.add_argument("--runs", type=int, default=d(5), help="cold starts per workload and mode (default 5)")
+        q.add_argument("--out", default=d(None), help="directory for results.json, results.md and the PNG charts")
+        q.add_argument("--cache", default=d(None), help="image cache directory (default: the user cache dir)")
+        q.add_argument("--min-layer-size", type=int, default=d(10 << 20),
                        help="layers smaller than this get no zTOC (default 10 MiB, as soci create)")
-        q.add_argument("--state-dir", default="/tmp",
+        q.add_argument("--state-dir", default=d("/tmp"),
                        help="where each run's fresh tmpfs is mounted (default /tmp; keep it short: socket paths)")
         q.set_defaults(func=cmd_run)
     return p
