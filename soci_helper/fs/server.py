@@ -28,6 +28,7 @@ log = logging.getLogger("soci.layer-server")
 MODULE = "soci_helper.fs.server"  # what `soci mounts` looks for in a server's command line
 STATS_PERIOD_SEC = 2.0
 READ_AHEAD_KB = 1024
+THREAD_STACK = 512 << 10
 BASE_OPTIONS = ("subtype=soci", "ro", "allow_other", "default_permissions")
 # Generic mount flags libfuse accepts and that make sense on a read-only layer.
 PASSTHROUGH_OPTIONS = frozenset({"nosuid", "nodev", "noexec", "suid", "dev", "exec", "noatime", "atime",
@@ -208,19 +209,26 @@ def make_reader(spec: ServerSpec, ztoc: Ztoc, fetch: Callable[[int, int], bytes]
 # --- the mount --------------------------------------------------------------
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
 def _settle_memory() -> None:
     """After the build: hand freed heap back to the system, and keep the collector off the long-lived data."""
-    import ctypes
     import gc
 
     gc.collect()
     # Everything alive now lives as long as the mount; later collections need not scan it again.
     gc.freeze()
-    try:
-        # The build's transient objects leave free but unreturned heap behind; RSS is what a host sees.
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        # Imports and the set-up leave free but unreturned heap behind; RSS is what a host sees.
+        trim(0)
 
 
 def _mountinfo_device(mountpoint: str) -> str | None:
@@ -251,6 +259,110 @@ def _raise_read_ahead(mountpoint: str) -> None:
         Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{READ_AHEAD_KB}\n")
     except OSError as exc:
         log.warning("could not raise read-ahead of %s: %s", dev, exc.strerror)
+
+
+def _warn(msg: str) -> None:
+    log.warning("%s", msg)
+
+
+def _build_table(store: Any, ztoc_digest: str) -> tuple[Any, Ztoc]:
+    from .inodes import InodeTable
+
+    # Straight from the flatbuffer into the table's arrays: no per-entry objects survive the build, and
+    # the zTOC keeps only what spans need (its compression info).
+    return InodeTable.from_bytes(store.read(ztoc_digest), on_warning=_warn)
+
+
+class _TableBuild:
+    """The inode table built in a forked child and handed back pickled (arrays and blobs: compact and fast).
+
+    Falls back to building in this process when forking fails."""
+
+    def __init__(self, pid: int, rfd: int, store: Any, ztoc_digest: str) -> None:
+        self.pid, self.rfd, self.store, self.ztoc_digest = pid, rfd, store, ztoc_digest
+        self.where = "in a child" if pid > 0 else "in process"
+
+    @classmethod
+    def start(cls, store: Any, ztoc_digest: str) -> _TableBuild:
+        try:
+            r, w = os.pipe()
+        except OSError:
+            return cls(0, -1, store, ztoc_digest)
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(r)
+            os.close(w)
+            return cls(0, -1, store, ztoc_digest)
+        if pid == 0:  # the child: build, send, and leave without running any of the parent's exit handlers
+            code = 1
+            try:
+                os.close(r)
+                cls._child(w, store, ztoc_digest)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        return cls(pid, r, store, ztoc_digest)
+
+    @staticmethod
+    def _child(w: int, store: Any, ztoc_digest: str) -> None:
+        import pickle
+
+        try:
+            table, head = _build_table(store, ztoc_digest)
+            state = {k: v for k, v in table.__dict__.items() if k != "warn"}
+            payload = pickle.dumps((True, (state, head)), protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException as exc:  # noqa: BLE001 - the parent raises it as if it had built the table itself
+            try:
+                payload = pickle.dumps((False, exc), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the parent
+                payload = pickle.dumps((False, SociError(f"{type(exc).__name__}: {exc}")))
+        with os.fdopen(w, "wb") as f:
+            f.write(payload)
+
+    def result(self) -> tuple[Any, Ztoc]:
+        if self.pid <= 0:
+            return _build_table(self.store, self.ztoc_digest)
+        import pickle
+
+        from .inodes import InodeTable
+
+        try:
+            with os.fdopen(self.rfd, "rb") as f:
+                self.rfd = -1
+                try:
+                    ok, value = pickle.load(f)
+                except (EOFError, pickle.UnpicklingError) as exc:
+                    raise SociError(f"building the inode table failed: the builder died ({exc})") from None
+        finally:
+            self._reap()
+        if not ok:
+            raise value
+        state, head = value
+        table = InodeTable.__new__(InodeTable)
+        table.__dict__.update(state)
+        table.warn = _warn
+        return table, head
+
+    def abandon(self) -> None:
+        if self.pid > 0:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._reap()
+
+    def _reap(self) -> None:
+        if self.rfd >= 0:
+            os.close(self.rfd)
+            self.rfd = -1
+        if self.pid > 0:
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.pid = -1
 
 
 class LayerServer:
@@ -311,27 +423,32 @@ class LayerServer:
     # --- life cycle ----------------------------------------------------------
 
     def prepare(self) -> None:
-        import pyfuse3
-
         from ..store.content import ContentStore
-        from .inodes import InodeTable
-        from .layerfs import LayerFS
 
         t0 = time.monotonic()
         cfg = config_mod.load(self.spec.config_path) if self.spec.config_path else config_mod.load()
         store = ContentStore(self.spec.root)
-        # Straight from the flatbuffer into the table's arrays: no per-entry objects survive the build, and
-        # the zTOC keeps only what spans need (its compression info).
-        table, ztoc = InodeTable.from_bytes(store.read(self.spec.ztoc_digest),
-                                            on_warning=lambda msg: log.warning("%s", msg))
+        # The table builds in a child while this process imports FUSE and the registry client and checks
+        # the blob: the two overlap on a second core, and the build's transient objects never fragment
+        # this long-lived process's heap.
+        build = _TableBuild.start(store, self.spec.ztoc_digest)
+        import pyfuse3
+
+        from .layerfs import LayerFS
+
+        try:
+            fetch = make_fetch(self.spec)
+        except BaseException:
+            build.abandon()
+            raise
+        table, ztoc = build.result()
         self.entries = len(table)
-        _settle_memory()
-        fetch = make_fetch(self.spec)
         self.reader, self.reader_kind = make_reader(self.spec, ztoc, fetch, cfg)
         note = getattr(self.reader, "note_activity", None)
         self.fs = LayerFS(table, self.reader, cfg.fuse, on_read=note)
-        log.info("loaded zTOC %s: %d inodes, %d spans, in %.3f s (%s reader)", self.spec.ztoc_digest,
-                 self.entries, len(ztoc.span_digests), time.monotonic() - t0, self.reader_kind)
+        _settle_memory()
+        log.info("loaded zTOC %s: %d inodes, %d spans, in %.3f s (%s reader, table built %s)", self.spec.ztoc_digest,
+                 self.entries, len(ztoc.span_digests), time.monotonic() - t0, self.reader_kind, build.where)
         if not os.path.isdir(self.spec.mountpoint):
             raise SociError(f"mount point {self.spec.mountpoint} is not a directory")
         pyfuse3.init(self.fs, self.spec.mountpoint, mount_options(self.spec))
@@ -479,6 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.fork() > 0:
             os._exit(0)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Every thread here (span fetchers, trio's worker threads, background fetch) runs shallow Python and
+    # C code; glibc's default 8 MiB stacks only cost address space and page-table churn per thread.
+    threading.stack_size(THREAD_STACK)
     _setup_logging(spec)
     log.info("starting (pid %d) for %s at %s", os.getpid(), spec.source, spec.mountpoint)
     return LayerServer(spec, ready_fd).run()

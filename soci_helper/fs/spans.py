@@ -66,7 +66,9 @@ class SpanManager:
     # Tunables, small on purpose: a layer server may serve many mounts on two cores.
     WORKERS = 3
     READAHEAD_SPANS = 3
-    MEMORY_SPANS = 3
+    # Inflated spans are 4 MiB each and dominate a server's RSS: keep the one being read and the previous
+    # one (a read crossing a span boundary); read-ahead spans wait in the on-disk cache instead.
+    MEMORY_SPANS = 2
     MAX_MERGE_SPANS = 8
 
     stats: MountStats
@@ -182,7 +184,10 @@ class SpanManager:
         ahead = range(last + 1, min(last + 1 + self.READAHEAD_SPANS, self.num_spans))
         if ahead:
             # One task per span: the pool fetches, verifies and inflates them in parallel.
-            self._request(ahead, deadline, remember=True, inline_disk=False, merge=1)
+            # Not remembered: they would push the span being read out of memory; the read that reaches
+            # one takes it from the on-disk cache (one file read) and keeps it from then on.
+            # Spans already on disk are skipped: loading them here only to drop them would double the work.
+            self._request(ahead, deadline, remember=False, inline_disk=False, skip_cached=True, merge=1)
 
     def _request(self, ids: Iterable[int], deadline: float, *, remember: bool, inline_disk: bool,
                  skip_cached: bool = False, merge: int | None = None) -> dict[int, bytes | _Claim]:
