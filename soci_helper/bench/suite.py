@@ -355,10 +355,11 @@ def _fmt_mb(v: float | None) -> str:
 
 
 def markdown(cells: dict[tuple[str, str, str], Cell], nets: list[NetProfile], workloads: list[str],
-             modes: list[str], skipped: dict[str, str], runs: int) -> str:
+             modes: list[str], skipped: dict[str, str], runs: int, methods: dict[str, str] | None = None) -> str:
     lines: list[str] = []
     for net in nets:
-        lines += [f"#### {net.name}: {net.describe()}; median (min-max) of {runs} run(s)", "",
+        desc = net.describe((methods or {}).get(net.name))
+        lines += [f"#### {net.name}: {desc}; median (min-max) of {runs} run(s)", "",
                   "| workload | mode | pull s | run to ready s | total s | total vs full | MB during pull "
                   "| MB until ready | MB vs full | snapshotter peak RSS MB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -478,6 +479,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="soci-bench-suite-"))
     cells: dict[tuple[str, str, str], Cell] = {}
     started = time.monotonic()
+    methods: dict[str, str] = {}  # how each shaped link was made, for the report
     try:
         regdir = work / "registry"
         _progress("== registry: push, SOCI indexes")
@@ -489,8 +491,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             with ns_ctx as ns:
                 reg = registry_for(net, ns, regdir)
                 with reg:
-                    _progress(f"== {net.name}: {net.describe()}, registry {reg.host}"
-                              + (f" ({ns.method})" if ns is not None else ""))
+                    if ns is not None:
+                        methods[net.name] = ns.method
+                    _progress(f"== {net.name}: {net.describe(methods.get(net.name))}, registry {reg.host}")
                     for img in images:
                         w = img.workload
                         refs = refs_for(reg, w)
@@ -513,14 +516,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    table = markdown(cells, nets, names, modes, skipped, args.runs)
+    table = markdown(cells, nets, names, modes, skipped, args.runs, methods)
     print(table, end="", flush=True)
     full_of = {(c.net, c.workload): c for c in cells.values() if c.mode == "full"}
     doc = {
         "suite": "lazy start against full pull",
         "runs": args.runs, "min_layer_size": args.min_layer_size,
         "seconds": round(time.monotonic() - started, 1),
-        "networks": {n.name: n.describe() for n in nets},
+        "networks": {n.name: n.describe(methods.get(n.name)) for n in nets},
         "workloads": {img.workload.name: {"about": img.workload.about, "command": list(img.workload.command),
                                           "layers": img.layers, "compressed_bytes": img.compressed_bytes}
                       for img in images},

@@ -40,10 +40,13 @@ class NetProfile:
     def shaped(self) -> bool:
         return self.rate is not None
 
-    def describe(self) -> str:
+    def describe(self, method: str | None = None) -> str:
+        """What the link is; `method` is how it was shaped (netem, or tbf+relay where the kernel lacks netem)."""
         if not self.shaped:
             return "loopback (no namespace, no shaping)"
-        return f"veth + netem rate {self.rate}, delay {self.delay_ms:g} ms each way (RTT {2 * self.delay_ms:g} ms)"
+        how = f"{method}: " if method else ""
+        return (f"veth, {how}rate {self.rate}, delay {self.delay_ms:g} ms each way "
+                f"(RTT {2 * self.delay_ms:g} ms)")
 
 
 PROFILES: dict[str, NetProfile] = {
