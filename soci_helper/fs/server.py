@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import collections
 import errno
 import json
 import logging
@@ -123,87 +122,13 @@ def make_fetch(spec: ServerSpec) -> Callable[[int, int], bytes]:
     return remote
 
 
-class StandInReader:
-    """Verified span reads with a small in-memory span LRU: used while no SpanManager is available."""
-
-    def __init__(self, ztoc: Ztoc, layer_digest: str, fetch: Callable[[int, int], bytes], keep: int = 8) -> None:
-        from ..ztoc.reader import LayerReader
-
-        self.inner = LayerReader(ztoc, fetch, f"layer {layer_digest}")
-        self.zinfo = self.inner.zinfo
-        self.stats = MountStats()
-        self.keep = keep
-        self._lru: collections.OrderedDict[int, bytes] = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self._span_locks: dict[int, threading.Lock] = {}
-
-    def _span(self, i: int) -> bytes:
-        with self._lock:
-            data = self._lru.get(i)
-            if data is not None:
-                self._lru.move_to_end(i)
-                self.stats.add(cache_hits=1)
-                return data
-            span_lock = self._span_locks.setdefault(i, threading.Lock())
-        # One fetch per span even when several readers want it at once.
-        with span_lock:
-            with self._lock:
-                data = self._lru.get(i)
-            if data is not None:
-                self.stats.add(cache_hits=1)
-                return data
-            start, end = self.zinfo.compressed_range(i)
-            self.stats.add(cache_misses=1)
-            try:
-                data = self.inner.span(i)
-            except SociError:
-                self.stats.add(verify_failures=1)
-                raise
-            self.stats.add(spans_fetched=1, bytes_fetched=(end or start) - start)
-            with self._lock:
-                self._lru[i] = data
-                while len(self._lru) > self.keep:
-                    self._lru.popitem(last=False)
-            return data
-
-    def read(self, offset: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        out = bytearray()
-        first = self.zinfo.span_of(offset)
-        last = self.zinfo.span_of(offset + length - 1)
-        for i in range(first, last + 1):
-            s_start, _ = self.zinfo.uncompressed_range(i)
-            data = self._span(i)
-            lo = max(offset, s_start) - s_start
-            hi = min(offset + length, s_start + len(data)) - s_start
-            out += data[lo:hi]
-        self.stats.add(bytes_served=len(out))
-        return bytes(out)
-
-    def note_activity(self) -> None:
-        return None
-
-    def start_background_fetch(self) -> None:
-        return None
-
-    def close(self) -> None:
-        with self._lock:
-            self._lru.clear()
-
-
 def make_reader(spec: ServerSpec, ztoc: Ztoc, fetch: Callable[[int, int], bytes],
                 cfg: config_mod.Config) -> tuple[Any, str]:
-    """(reader, kind): the span manager with the shared on-disk span cache, or the stand-in while the span
-    manager cannot be built (it is developed alongside)."""
-    try:
-        from ..store.spancache import SpanCache
-        from .spans import SpanManager
+    """(reader, kind): the span manager over the on-disk span cache shared by every layer server."""
+    from ..store.spancache import SpanCache
+    from .spans import SpanManager
 
-        return SpanManager(ztoc, spec.layer_digest, fetch, SpanCache(spec.root, cfg), cfg), "span-manager"
-    except (ImportError, NotImplementedError) as exc:
-        log.info("span manager not available (%s: %s); using the built-in span reader", type(exc).__name__, exc)
-        return StandInReader(ztoc, spec.layer_digest, fetch), "stand-in"
+    return SpanManager(ztoc, spec.layer_digest, fetch, SpanCache(spec.root, cfg), cfg), "span-manager"
 
 
 # --- the mount --------------------------------------------------------------
