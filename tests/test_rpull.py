@@ -8,13 +8,13 @@ import os
 import shutil
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.cli import one_error_line, soci
+from support.containers import busybox_trees, wait_for
 
 from soci_helper.containerd import rpull as rp
 from soci_helper.oci.layout import OCILayout
@@ -92,17 +92,8 @@ def test_layer_list_labels_are_capped_at_containerds_label_size() -> None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two layers: a static busybox with applet links, then a file of its own; plus the first one extracted."""
-    bb = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
-    if bb is None:
-        pytest.skip("busybox-static missing")
     t = tmp_path_factory.mktemp("rpull-img")
-    r1, r2 = t / "r1", t / "r2"
-    (r1 / "bin").mkdir(parents=True)
-    shutil.copy(bb, r1 / "bin" / "busybox")
-    for applet in ("sh", "echo", "cat"):
-        os.symlink("busybox", r1 / "bin" / applet)
-    (r2 / "etc").mkdir(parents=True)
-    (r2 / "etc" / "greeting").write_text("from the second layer\n")
+    r1, r2 = busybox_trees(t)
     l1, l2 = tar_of(t / "l1.tar", str(r1), ["bin"]), tar_of(t / "l2.tar", str(r2), ["etc"])
     desc = write_image(t / "layout", [l1, l2], "latest")
     manifest_bytes = OCILayout(t / "layout").read_blob(desc.digest)
@@ -137,15 +128,6 @@ def _backend_names(sb: SociSandbox) -> list[str]:
         return [i.name for resp in client.snapshots_stub(ch).List(pb.ListSnapshotsRequest()) for i in resp.info]
     finally:
         ch.close()
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return cond()
 
 
 # --- (a) a plain image: every layer unpacked locally ------------------------------------------------------------
@@ -203,7 +185,7 @@ def test_rpull_plain_image_run_idempotent_and_gc(built: dict[str, Any], registry
         c.ctr("images", "rm", "--sync", ref)
         c.ctr("content", "prune", "references", check=False)
         assert _ctr_snapshots(sb) == {}
-        assert _wait_for(lambda: _backend_names(sb) == [])
+        assert wait_for(lambda: _backend_names(sb) == [])
         assert list((sb.snapshotter.root / "snapshotter" / "snapshots").iterdir()) == []
 
 

@@ -7,13 +7,13 @@ import importlib
 import os
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from support.containers import busybox_trees, wait_for
 
 from soci_helper.containerd import client
 from soci_helper.sandbox.containerd import SociSandbox, _pids_with_arg
@@ -32,27 +32,11 @@ pytestmark = [
 pb: Any = importlib.import_module("soci_helper.containerd.api.services.snapshots.v1.snapshots_pb2")
 
 
-def _busybox() -> str | None:
-    for p in ("/bin/busybox", "/usr/bin/busybox"):
-        if os.path.exists(p):
-            return p
-    return None
-
-
 @pytest.fixture(scope="module")
 def image_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two layers: a static busybox with a few applet links, then a file of its own."""
-    bb = _busybox()
-    if bb is None:
-        pytest.skip("busybox-static missing")
     t = tmp_path_factory.mktemp("img")
-    r1, r2 = t / "r1", t / "r2"
-    (r1 / "bin").mkdir(parents=True)
-    shutil.copy(bb, r1 / "bin" / "busybox")
-    for applet in ("sh", "echo", "cat"):
-        os.symlink("busybox", r1 / "bin" / applet)
-    (r2 / "etc").mkdir(parents=True)
-    (r2 / "etc" / "greeting").write_text("from the second layer\n")
+    r1, r2 = busybox_trees(t)
     write_image(t / "layout", [tar_of(t / "l1.tar", str(r1), ["bin"]), tar_of(t / "l2.tar", str(r2), ["etc"])],
                 "latest")
     return t / "layout"
@@ -95,15 +79,6 @@ def _ctr_ls(sb: SociSandbox) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return cond()
-
-
 def test_pull_run_and_gc(sandbox: SociSandbox, image_layout: Path) -> None:
     c = sandbox.containerd
     with LocalRegistry() as reg:
@@ -128,13 +103,13 @@ def test_pull_run_and_gc(sandbox: SociSandbox, image_layout: Path) -> None:
     assert r.stdout.splitlines() == ["hello", "from the second layer"]
     # --rm removed the container's snapshot from containerd at once, and from us at its next GC.
     assert len(_ctr_ls(sandbox)) == 2
-    assert _wait_for(lambda: len(_backend(sandbox)) == 2)
+    assert wait_for(lambda: len(_backend(sandbox)) == 2)
 
     # Removing the image lets containerd's GC remove the snapshots, and with them their directories.
     c.ctr("images", "rm", "--sync", ref)
     c.ctr("content", "prune", "references", check=False)
     assert _ctr_ls(sandbox) == {}
-    assert _wait_for(lambda: _backend(sandbox) == [])
+    assert wait_for(lambda: _backend(sandbox) == [])
     snapdirs = sandbox.snapshotter.root / "snapshotter" / "snapshots"
     assert list(snapdirs.iterdir()) == []
 
@@ -148,7 +123,7 @@ def test_left_running_container_is_cleaned_up(image_layout: Path) -> None:
         c.ctr("images", "import", "--snapshotter", "soci", "--index-name", "local/bb:latest",
               str(_archive(image_layout, sb.dir)))
         c.ctr("run", "-d", "--snapshotter", "soci", "local/bb:latest", "soci-left", "/bin/busybox", "sleep", "4242")
-        assert _wait_for(lambda: bool(_pids_with_arg("4242")))
+        assert wait_for(lambda: bool(_pids_with_arg("4242")))
         assert _pids_with_arg(str(c.address))  # its shim
         mounts = Path("/proc/self/mountinfo").read_text()
         assert str(sb.dir) in mounts  # the container's rootfs overlay

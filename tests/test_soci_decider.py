@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from support.containers import wait_for
 
 from soci_helper.containerd import client
 from soci_helper.sandbox.containerd import SociSandbox, _pids_with_arg
@@ -289,15 +290,6 @@ def gc_all(sb: SociSandbox) -> None:
     if names:
         ctr_retry(sb, "images", "rm", "--sync", *names)
     sb.containerd.ctr("content", "prune", "references", check=False)
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return cond()
 
 
 def ctr_retry(sb: SociSandbox, *args: str) -> subprocess.CompletedProcess[str]:
