@@ -11,11 +11,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 
 from .bench import e2e, suite
 from .sandbox.containerd import SociSandbox
 from .sandbox.registry import LocalRegistry
+from .sandbox.signals import UnwindOnSignal
 
 TOOLS = ("containerd", "ctr", "runc", "docker-registry", "skopeo", "tar", "gzip")
 MOUNT_HELPERS = ("/sbin/mount.fuse.soci", "/usr/sbin/mount.fuse.soci")
@@ -38,25 +38,6 @@ def _missing() -> list[str]:
     if not any(os.path.isfile(p) for p in ("/bin/busybox", "/usr/bin/busybox")):
         out.append("busybox-static")
     return out
-
-
-class _Signals:
-    """The first Ctrl-C or SIGTERM unwinds through every cleanup; further ones must not cut the cleanup short."""
-
-    def __init__(self) -> None:
-        self.seen = 0
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.seen += 1
-        if self.seen == 1:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
-        print("demo: cleaning up, please wait", file=sys.stderr, flush=True)
 
 
 def _reap_layer_servers(workdir: Path) -> int:
@@ -194,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing := _missing():
         print(f"demo: missing: {', '.join(missing)}", file=sys.stderr)
         return 2
-    signals = _Signals()
+    signals = UnwindOnSignal("demo")
     signals.install()
     # Short: containerd's sockets live below it and unix socket paths are limited to 108 bytes.
     workdir = Path(tempfile.mkdtemp(prefix="soci-demo-", dir="/tmp"))

@@ -74,3 +74,43 @@ def test_suite_options_count_before_or_after_the_action():
     after = p.parse_args(["run", "--workloads", "busybox", "--runs", "2"])
     assert before.workloads == after.workloads == ["busybox"] and before.runs == after.runs == 2
     assert p.parse_args(["run"]).runs == 5
+
+
+def test_sigterm_mid_run_cleans_up(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    state = Path(tempfile.mkdtemp(prefix="sbs-", dir="/tmp"))
+    try:
+        cmd = [sys.executable, "-m", "soci_helper.bench.main", "suite", "run", "--workloads", "busybox",
+               "--modes", "full", "--net", "loopback", "--runs", "3", "--min-layer-size", "0",
+               "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--state-dir", str(state)]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seen = ""
+        deadline = time.monotonic() + 90
+        # Wait until a run is under way: registry, containerd and a state tmpfs all exist then.
+        assert p.stderr is not None
+        while time.monotonic() < deadline and "[1/" not in seen:
+            line = p.stderr.readline()
+            if not line:
+                break
+            seen += line
+        assert "[1/" in seen, seen
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+        assert p.returncode == 128 + signal.SIGTERM
+        time.sleep(0.5)
+        leftovers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_has(pid, "soci-bench-suite-")]
+        assert leftovers == []
+        assert str(state) not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _cmdline_has(pid: str, needle: str) -> bool:
+    try:
+        return needle.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..sandbox.images import write_image
 from ..sandbox.registry import LocalRegistry
+from ..sandbox.signals import UnwindOnSignal
 
 REPO = "bench/fs"
 SERVER_MODULE = "soci_helper.fs.server"
@@ -319,7 +320,7 @@ def _prepare(b: Bench, ns: argparse.Namespace, log: Callable[[str], None]) -> di
 
 def run(ns: argparse.Namespace, log: Callable[[str], None] = lambda m: None) -> tuple[list[dict[str, str]], str]:
     b = Bench(ns.tmpfs_size)
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    UnwindOnSignal("soci-bench fs").install()
     try:
         ctx = _prepare(b, ns, log)
         m: dict[str, list[float]] = {k: [] for k in (
@@ -369,12 +370,7 @@ def run(ns: argparse.Namespace, log: Callable[[str], None] = lambda m: None) -> 
             shutil.rmtree(ext)
         return _rows(m, ns), _notes(ns)
     finally:
-        signal.signal(signal.SIGTERM, old_term)
         b.close()
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _med(xs: list[float]) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from ..sandbox.signals import UnwindOnSignal
 from . import e2e, fs_bench, registry_bench, suite, ztoc_bench
 
 BENCHES: dict[str, tuple[Callable[[list[str]], int], str]] = {
@@ -24,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:10} {what}", file=sys.stderr)
         return 2
     fn, _ = BENCHES[args[0]]
+    # Benchmarks own registries, containerd, mounts and namespaces: a SIGTERM must unwind through their cleanup.
+    UnwindOnSignal("soci-bench").install()
     return fn(args[1:])
 
 

@@ -128,9 +128,10 @@ def process_rss(pid: int) -> int | None:
 def fresh_state(parent: Path) -> Iterator[Path]:
     """A new tmpfs for containerd and snapshotter state: nothing cached, and no ext4 slowing down with reuse."""
     d = Path(tempfile.mkdtemp(prefix="sbr-", dir=parent))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(d)],
-                   check=True, capture_output=True, timeout=30)
     try:
+        # Inside the try: a signal that lands while mounting must still unmount.
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(d)],
+                       check=True, capture_output=True, timeout=30)
         yield d
     finally:
         unmount_all_under(d)
