@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .bench import e2e, suite
 from .sandbox.containerd import SociSandbox
+from .sandbox.procs import pids_matching
 from .sandbox.registry import LocalRegistry
 from .sandbox.signals import UnwindOnSignal
 
@@ -43,27 +44,13 @@ def _missing() -> list[str]:
 def _reap_layer_servers(workdir: Path) -> int:
     """Kill layer servers still serving a root below `workdir` (a run that was cut short); how many."""
     killed = 0
-    for pid in _pids_naming(workdir, e2e.SERVER_MODULE):
+    for pid in pids_matching(str(workdir), e2e.SERVER_MODULE, substring=True):
         try:
             os.kill(pid, signal.SIGKILL)
             killed += 1
         except ProcessLookupError:
             pass
     return killed
-
-
-def _pids_naming(workdir: Path, needle: str) -> list[int]:
-    prefix, want = str(workdir).encode(), needle.encode()
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if prefix in cmd and want in cmd:
-                out.append(int(d.name))
-    return out
 
 
 def run(workdir: Path) -> None:
@@ -141,7 +128,7 @@ def left_behind(workdir: Path, keep: str | None = None) -> list[str]:
     """Processes whose command line names `workdir` (containerd, shims, daemon, layer servers, registry) and
     mounts below it; processes whose command line contains `keep` are still wanted."""
     out = []
-    for pid in _pids_naming(workdir, ""):
+    for pid in pids_matching(str(workdir), substring=True):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:

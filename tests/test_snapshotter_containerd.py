@@ -16,8 +16,9 @@ import pytest
 from support.containers import busybox_trees, wait_for
 
 from soci_helper.containerd import client
-from soci_helper.sandbox.containerd import SociSandbox, _pids_with_arg
+from soci_helper.sandbox.containerd import SociSandbox
 from soci_helper.sandbox.images import tar_of, write_image
+from soci_helper.sandbox.procs import pids_matching
 from soci_helper.sandbox.registry import LocalRegistry
 from soci_helper.snapshotter.remote import LayerRequest, RemoteLayer
 from soci_helper.snapshotter.service import Server, Snapshotter
@@ -53,7 +54,7 @@ def sandbox() -> Iterator[SociSandbox]:
         d = sb.dir
         sb.stop()
         # Nothing of this containerd may survive: shims, mounts, directories.
-        assert _pids_with_arg(address) == []
+        assert pids_matching(address) == []
         assert not d.exists()
 
 
@@ -123,14 +124,14 @@ def test_left_running_container_is_cleaned_up(image_layout: Path) -> None:
         c.ctr("images", "import", "--snapshotter", "soci", "--index-name", "local/bb:latest",
               str(_archive(image_layout, sb.dir)))
         c.ctr("run", "-d", "--snapshotter", "soci", "local/bb:latest", "soci-left", "/bin/busybox", "sleep", "4242")
-        assert wait_for(lambda: bool(_pids_with_arg("4242")))
-        assert _pids_with_arg(str(c.address))  # its shim
+        assert wait_for(lambda: bool(pids_matching("4242")))
+        assert pids_matching(str(c.address))  # its shim
         mounts = Path("/proc/self/mountinfo").read_text()
         assert str(sb.dir) in mounts  # the container's rootfs overlay
     finally:
         d, address = sb.dir, str(sb.containerd.address)
         sb.stop()
-    assert _pids_with_arg(address) == [] and _pids_with_arg("4242") == []
+    assert pids_matching(address) == [] and pids_matching("4242") == []
     assert str(d) not in Path("/proc/self/mountinfo").read_text()
     assert not d.exists()
     assert not (Path("/run/containerd/runc") / sb.containerd.namespace).exists()

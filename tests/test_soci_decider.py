@@ -21,9 +21,11 @@ import grpc
 import pytest
 from support.containers import wait_for
 
+from soci_helper.bench.e2e import layer_servers
 from soci_helper.containerd import client
-from soci_helper.sandbox.containerd import SociSandbox, _pids_with_arg
+from soci_helper.sandbox.containerd import SociSandbox
 from soci_helper.sandbox.images import tar_of, write_image
+from soci_helper.sandbox.procs import pids_matching
 from soci_helper.sandbox.registry import LocalRegistry
 
 pytestmark = [
@@ -258,20 +260,6 @@ def mounts_below(path: Path) -> list[str]:
             if ln.split()[4].startswith(p + "/")]
 
 
-def layer_servers(root: Path) -> list[int]:
-    want = str(root).encode()
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                argv = (d / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if SERVER_MODULE in argv and want in argv:
-                out.append(int(d.name))
-    return out
-
-
 def consistent(sb: SociSandbox) -> dict[str, Any]:
     """Every backend row has its directory and no directory lacks a row; nothing is mounted but lazy layers."""
     rows = backend(sb)
@@ -315,7 +303,7 @@ def sandbox_with(d: Path) -> Iterator[SociSandbox]:
         sb.stop()
         for pid in layer_servers(root):  # only ever ours: their argv names this sandbox's root
             os.kill(pid, 9)
-        assert _pids_with_arg(address) == []
+        assert pids_matching(address) == []
         assert not sdir.exists()
 
 

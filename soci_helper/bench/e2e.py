@@ -25,6 +25,7 @@ from ..oci.manifest import parse_image_manifest
 from ..sandbox.containerd import SociSandbox
 from ..sandbox.images import tar_of, write_image
 from ..sandbox.netns import PROFILES, NetNamespace, NetProfile, registry_for
+from ..sandbox.procs import pids_matching
 from ..sandbox.registry import LocalRegistry
 from . import suite
 from . import workloads as wl
@@ -213,18 +214,7 @@ def check_output(image: SampleImage, output: str) -> str | None:
 
 def layer_servers(root: Path) -> list[int]:
     """Pids of the layer servers started for the snapshotter root `root` (their argv names it)."""
-    want = str(root).encode()
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if SERVER_MODULE.encode() in argv and want in argv:
-            out.append(int(d.name))
-    return out
+    return pids_matching(SERVER_MODULE, str(root))
 
 
 def idle_daemon_rss(state_parent: Path, settle: float = 1.0) -> int:

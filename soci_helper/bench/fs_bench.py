@@ -25,6 +25,7 @@ from pathlib import Path
 from ..sandbox.images import write_image
 from ..sandbox.registry import LocalRegistry
 from ..sandbox.signals import UnwindOnSignal
+from .report import to_markdown
 
 REPO = "bench/fs"
 SERVER_MODULE = "soci_helper.fs.server"
@@ -436,15 +437,6 @@ def _notes(ns: argparse.Namespace) -> str:
     return (f"medians of {ns.runs} interleaved runs; spread = min-max; registry on loopback; state and "
             f"extractions on one tmpfs; local = the extracted layer on that tmpfs (drop_caches cannot evict "
             f"tmpfs, so its reads are memory reads)")
-
-
-def to_markdown(rows: list[dict[str, str]]) -> str:
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

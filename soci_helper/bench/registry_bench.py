@@ -22,6 +22,7 @@ from pathlib import Path
 from .. import digest as _digest
 from ..oci.registry import RegistryClient, RegistryOptions
 from ..sandbox.registry import LocalRegistry
+from .report import to_markdown
 
 REPO = "bench/blob"
 RANGE_SIZE = 4 << 20
@@ -114,15 +115,6 @@ def run(args: argparse.Namespace | list[str] | None = None) -> list[dict[str, st
         ]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def to_markdown(rows: list[dict[str, str]]) -> str:
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

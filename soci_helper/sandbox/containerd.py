@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from .procs import pids_matching
+
 START_TIMEOUT = 30.0
 # Where containerd's runc shim keeps runc state: per namespace, shared by every containerd on the host.
 RUNC_ROOT = "/run/containerd/runc"
@@ -54,20 +56,6 @@ def unmount_all_under(path: Path) -> None:
             return
         for mp in mps:
             subprocess.run(["umount", "-l", mp], capture_output=True, timeout=30)
-
-
-def _pids_with_arg(needle: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle.encode() in argv:
-            pids.append(int(d.name))
-    return pids
 
 
 def _kill_pid(pid: int) -> None:
@@ -230,7 +218,7 @@ class LocalContainerd:
         _stop_process(self.proc)
         self.proc = None
         # Shims outlive containerd by design; ours name our socket in their argv.
-        for pid in _pids_with_arg(str(self.address)):
+        for pid in pids_matching(str(self.address)):
             _kill_pid(pid)
         runc_ns = Path(RUNC_ROOT) / self.namespace
         if runc_ns.is_dir():
