@@ -275,3 +275,57 @@ def test_helper_called_directly_mounts_and_umount_ends_the_server(env):
                         "check=True)", str(mnt)], check=True)
     assert wait_servers_gone(env["root"])
     assert json.loads(res.state_file.read_text())["state"] == "exited"
+
+
+def test_corrupt_spans_and_outages_give_eio_then_reads_recover(env, tmp_path):
+    import errno
+
+    from support.faultproxy import FaultProxy
+
+    layer = env["layers"][0]
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[background_fetch]\ndisable = true\n[blob]\nmax_span_verification_retries = 1\n"
+                   "fetching_timeout_sec = 8\n[http]\nMaxRetries = 1\nMinWaitMsec = 10\nMaxWaitMsec = 50\n")
+    good = tmp_path / "good"
+    good.mkdir()
+    proxy = FaultProxy(env["reg"].host).start()
+
+    def cold_mount_through_proxy(name: str) -> Path:
+        # A store of its own each time: nothing of the layer is cached yet.
+        root, mnt = tmp_path / f"root-{name}", tmp_path / name
+        mnt.mkdir()
+        soci_cli(root, "create", "--plain-http", "--span-size", str(SMALL_SPAN), "--min-layer-size", "0",
+                 env["ref"])
+        r = mount_cmd(f"{proxy.host}/test/stack@{layer}", mnt, f"ro,plain_http,root={root},config={cfg}")
+        assert r.returncode == 0, r.stderr
+        return mnt
+
+    try:
+        with mount_guard(tmp_path, tmp_path):
+            assert mount_cmd(_source(env, layer), good, _opts(env)).returncode == 0
+            victim = next(p.relative_to(good) for p in sorted(good.rglob("*.py")) if p.stat().st_size > 20_000)
+
+            # Every blob byte through the proxy is corrupted: the span digest check refuses it, the read fails.
+            bad = cold_mount_through_proxy("corrupt")
+            proxy.add("corrupt", method="GET", path="/blobs/", times=10_000)
+            with pytest.raises(OSError) as e:
+                (bad / victim).read_bytes()
+            assert e.value.errno == errno.EIO
+            assert proxy.faults[0].fired >= 1
+            proxy.clear()
+            assert (bad / victim).read_bytes() == (good / victim).read_bytes()
+
+            # The registry answers nothing but 503: EIO within the configured bound, then recovery.
+            down = cold_mount_through_proxy("outage")
+            proxy.add("status", status=503, path="/blobs/", times=10_000)
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as e:
+                (down / victim).read_bytes()
+            assert e.value.errno == errno.EIO
+            assert time.monotonic() - t0 < 30
+            proxy.clear()
+            assert (down / victim).read_bytes() == (good / victim).read_bytes()
+            for m in (good, bad, down):
+                subprocess.run(["umount", str(m)], check=True)
+    finally:
+        proxy.stop()
