@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..sandbox.images import write_image
+from ..sandbox.procs import pids_matching
 from ..sandbox.registry import LocalRegistry
 from ..sandbox.signals import UnwindOnSignal
 from .report import to_markdown
@@ -174,17 +175,7 @@ class Bench:
         return sorted(found, key=len, reverse=True)
 
     def _servers(self) -> list[int]:
-        want = str(self.root).encode()
-        pids = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    cmd = (d / "cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if SERVER_MODULE.encode() in cmd and want in cmd:
-                    pids.append(int(d.name))
-        return pids
+        return pids_matching(SERVER_MODULE, str(self.root))
 
     def close(self) -> None:
         for mp in self._mounts_below():

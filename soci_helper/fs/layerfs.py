@@ -25,9 +25,11 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
 class SpanReader(Protocol):
-    """What the filesystem needs from the span manager (or any stand-in)."""
+    """What the filesystem needs from the span manager."""
 
     def read(self, offset: int, length: int) -> bytes: ...
+
+    def in_memory(self, offset: int, length: int) -> bool: ...
 
 
 def _erofs() -> pyfuse3.FUSEError:
@@ -166,8 +168,7 @@ class LayerFS(pyfuse3.Operations):
             self.on_read()
         start = t.offset[fh] + off
         try:
-            in_memory = getattr(self.reader, "in_memory", None)
-            if in_memory is not None and in_memory(start, n):
+            if self.reader.in_memory(start, n):
                 # Bytes already inflated in memory: a thread hop would cost more than the copy.
                 return self.reader.read(start, n)
             return await trio.to_thread.run_sync(self.reader.read, start, n)

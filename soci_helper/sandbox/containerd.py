@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from ..snapshotter.sockets import socket_accepts
 from .procs import pids_matching
 
 START_TIMEOUT = 30.0
@@ -81,21 +81,10 @@ def _wait_socket(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SandboxError(f"{what} exited ({proc.returncode}): {_tail(log)}")
-        if path.is_socket() and _accepts(path):
+        if path.is_socket() and socket_accepts(path):
             return
         time.sleep(0.05)
     raise SandboxError(f"{what} did not create {path} within {START_TIMEOUT}s: {_tail(log)}")
-
-
-def _accepts(path: Path) -> bool:
-    # A socket file alone may be a stale one left by a crashed predecessor: only a connect proves a listener.
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-        c.settimeout(1.0)
-        try:
-            c.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def _tail(log: Path, n: int = 3000) -> str:

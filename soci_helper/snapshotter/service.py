@@ -32,6 +32,7 @@ from .metadata import (
 )
 from .metrics import DaemonCounters
 from .remote import TARGET_REF_LABEL, LayerRequest, LocalOnly, RemoteLayerDecider, remote_error
+from .sockets import socket_accepts
 
 log = logging.getLogger(__name__)
 
@@ -418,18 +419,6 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
-def _listening(sock: Path) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-        c.settimeout(1.0)
-        try:
-            c.connect(str(sock))
-        except OSError:
-            return False
-    return True
-
-
 class Server:
     """The Snapshotter served on a unix socket; `stop()` is graceful and removes the socket."""
 
@@ -445,7 +434,7 @@ class Server:
         if sock.exists() or sock.is_symlink():
             if not sock.is_socket():
                 raise SnapshotInvalid(f"{sock} exists and is not a socket")
-            if _listening(sock):
+            if socket_accepts(sock):
                 raise SnapshotExists(f"another snapshotter is already serving {sock}")
             # Left by a daemon that died: nobody listens on it any more.
             sock.unlink()

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from soci_helper.sandbox.procs import pids_matching
+
 SERVER_MODULE = "soci_helper.fs.server"
 MOUNT_HELPER = "/sbin/mount.fuse.soci"
 
@@ -36,18 +38,7 @@ def mounts_under(base: str | os.PathLike[str]) -> list[tuple[str, str]]:
 
 def server_pids(root: str | os.PathLike[str]) -> list[int]:
     """Layer servers whose command line names this store root."""
-    want = os.fspath(os.path.abspath(root)).encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if SERVER_MODULE.encode() in cmd and want in cmd:
-            pids.append(int(d.name))
-    return pids
+    return pids_matching(SERVER_MODULE, os.fspath(os.path.abspath(root)))
 
 
 def unmount_all(base: str | os.PathLike[str]) -> None:
