@@ -424,11 +424,10 @@ class LayerServer:
             nursery.cancel_scope.cancel()
 
     def run(self) -> int:
-        import pyfuse3
-        import trio
-
         self.write_state()  # early, so a helper that gives up waiting can find (and stop) this process
         try:
+            # FUSE and trio are imported inside, after the table build has forked: the imports then
+            # overlap with the build instead of delaying its start.
             self.prepare()
         except SociError as exc:
             return self._fail(str(exc))
@@ -436,6 +435,9 @@ class LayerServer:
             return self._fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}")
         except RuntimeError as exc:  # pyfuse3.init reports a failed mount this way
             return self._fail(f"mount failed: {exc}")
+        import pyfuse3
+        import trio
+
         code = 0
         try:
             trio.run(self._serve)
