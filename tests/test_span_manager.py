@@ -315,6 +315,16 @@ def test_sequential_reads_fetch_spans_ahead(tmp_path, layer, blobs):
             time.sleep(0.02)
         assert all(m.is_cached(s) for s in ahead)
         assert not m.is_cached(first + 1 + m.READAHEAD_SPANS + 1)
+        # Reaching a read-ahead span takes it from memory: no read back from the disk cache.
+        hits = m.stats.cache_hits
+        end = m.span_range(first + m.READAHEAD_SPANS)[1]
+        while pos < end:
+            n = min(chunk, end - pos)
+            assert m.read_buffer(pos, n) == layer["tar"][pos:pos + n]
+            pos += n
+        assert m.stats.cache_hits == hits
+        # Read-ahead bytes held in memory stay bounded.
+        assert len(m._ahead) <= m.READAHEAD_SPANS and len(m._mem) <= m.MEMORY_SPANS
     # Random reads do not trigger it.
     with manager(layer, tmp_path / "random", blobs.fetch) as m:
         for sid in (8, 2, 12):
