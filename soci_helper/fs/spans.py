@@ -30,9 +30,6 @@ FetchMany = Callable[[list[tuple[int, int]]], list[bytes]]
 _SEQ_SLACK = 1 << 20
 _RETRY_FIRST_WAIT = 0.05
 _RETRY_MAX_WAIT = 1.0
-# What happens to a span's bytes once loaded: dropped (only the on-disk cache keeps them: prefetch,
-# background fetch), kept among the spans being read, or held as read-ahead until a read takes them.
-_DROP, _KEEP, _AHEAD = 0, 1, 2
 
 
 class SpanFetchError(SociError):
@@ -70,7 +67,7 @@ class SpanManager:
     WORKERS = 3
     READAHEAD_SPANS = 3
     # Inflated spans are 4 MiB each and dominate a server's RSS: keep the one being read and the previous
-    # one (a read crossing a span boundary), plus at most READAHEAD_SPANS read-ahead spans not yet reached.
+    # one (a read crossing a span boundary); read-ahead spans wait in the on-disk cache instead.
     MEMORY_SPANS = 2
     MAX_MERGE_SPANS = 8
 
@@ -110,7 +107,6 @@ class SpanManager:
         self._mu = threading.Lock()
         self._claims: dict[int, _Claim] = {}
         self._mem: OrderedDict[int, bytes] = OrderedDict()
-        self._ahead: OrderedDict[int, bytes] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=self.WORKERS, thread_name_prefix="soci-span")
         self._closed = False
         self._last_start = -1
@@ -146,7 +142,7 @@ class SpanManager:
         """True if read(offset, length) would be served from inflated spans in memory, without blocking."""
         ids = self.spans_of(offset, length)
         with self._mu:
-            return bool(ids) and all(sid in self._mem or sid in self._ahead for sid in ids)
+            return bool(ids) and all(sid in self._mem for sid in ids)
 
     def read(self, offset: int, length: int) -> bytes:
         """Blocking, thread-safe: `length` uncompressed bytes at `offset` (fewer at the layer's end).
@@ -167,7 +163,7 @@ class SpanManager:
             return b""
         end = min(offset + length, self.size)
         deadline = time.monotonic() + self.timeout
-        got = self._request(ids, deadline, keep=_KEEP, inline_disk=True)
+        got = self._request(ids, deadline, remember=True, inline_disk=True)
         self._maybe_read_ahead(offset, end, ids[-1], deadline)
         parts: list[bytes | memoryview] = []
         for sid in ids:
@@ -192,13 +188,13 @@ class SpanManager:
             return
         ahead = range(last + 1, min(last + 1 + self.READAHEAD_SPANS, self.num_spans))
         if ahead:
-            # One task per span: the pool fetches, verifies and inflates them in parallel. They wait in
-            # their own bounded slots, so they never push the span being read out of memory, and the
-            # read that reaches one takes it from there instead of reading it back from the disk cache.
-            # Spans already on disk are skipped: a read that reaches them reads them there once.
-            self._request(ahead, deadline, keep=_AHEAD, inline_disk=False, skip_cached=True, merge=1)
+            # One task per span: the pool fetches, verifies and inflates them in parallel.
+            # Not remembered: they would push the span being read out of memory; the read that reaches
+            # one takes it from the on-disk cache (one file read) and keeps it from then on.
+            # Spans already on disk are skipped: loading them here only to drop them would double the work.
+            self._request(ahead, deadline, remember=False, inline_disk=False, skip_cached=True, merge=1)
 
-    def _request(self, ids: Iterable[int], deadline: float, *, keep: int, inline_disk: bool,
+    def _request(self, ids: Iterable[int], deadline: float, *, remember: bool, inline_disk: bool,
                  skip_cached: bool = False, merge: int | None = None) -> dict[int, bytes | _Claim]:
         """Start loading `ids`: each maps to its bytes (already at hand) or the claim to wait on.
 
@@ -217,13 +213,6 @@ class SpanManager:
                     self._mem.move_to_end(sid)
                     out[sid] = data
                     continue
-                data = self._ahead.get(sid)
-                if data is not None:
-                    if keep == _KEEP:  # a read reached it: from now on it is a span being read
-                        del self._ahead[sid]
-                        self._remember(sid, data)
-                    out[sid] = data
-                    continue
                 claim = self._claims.get(sid)
                 # A claim past its deadline may sit in a fetch that hangs: start a fresh one.
                 if claim is None or (claim.deadline < now and not claim.future.done()):
@@ -237,14 +226,14 @@ class SpanManager:
                 data = self.cache.get(self.layer, us, ue - us)
                 if data is not None:
                     self.stats.add(cache_hits=1)
-                    self._settle(sid, out[sid], data, keep)  # type: ignore[arg-type]
+                    self._settle(sid, out[sid], data, remember)  # type: ignore[arg-type]
                     out[sid] = data
                     continue
             to_fetch.append(sid)
         for run in _runs(to_fetch, merge or self.MAX_MERGE_SPANS):
             claims = [out[sid] for sid in run]
             try:
-                self._pool.submit(self._load_run, run, claims, deadline, keep, not inline_disk)
+                self._pool.submit(self._load_run, run, claims, deadline, remember, not inline_disk)
             except RuntimeError:  # the pool is shut down: the manager was closed
                 for sid, claim in zip(run, claims, strict=True):
                     self._fail(sid, claim, SpanFetchError(f"{self.layer}: the mount is closed"))  # type: ignore[arg-type]
@@ -263,23 +252,15 @@ class SpanManager:
         except Exception as exc:
             raise SpanFetchError(f"{self.layer}: span {sid}: {exc}") from exc
 
-    def _remember(self, sid: int, data: bytes) -> None:
-        # Caller holds self._mu.
-        self._mem[sid] = data
-        self._mem.move_to_end(sid)
-        while len(self._mem) > self.MEMORY_SPANS:
-            self._mem.popitem(last=False)
-
-    def _settle(self, sid: int, claim: _Claim, data: bytes, keep: int) -> None:
+    def _settle(self, sid: int, claim: _Claim, data: bytes, remember: bool) -> None:
         with self._mu:
             if self._claims.get(sid) is claim:
                 del self._claims[sid]
-            if keep == _KEEP:
-                self._remember(sid, data)
-            elif keep == _AHEAD and not self._closed:
-                self._ahead[sid] = data
-                while len(self._ahead) > max(self.READAHEAD_SPANS, 0):
-                    self._ahead.popitem(last=False)
+            if remember:
+                self._mem[sid] = data
+                self._mem.move_to_end(sid)
+                while len(self._mem) > self.MEMORY_SPANS:
+                    self._mem.popitem(last=False)
         with contextlib.suppress(InvalidStateError):
             claim.future.set_result(data)
 
@@ -292,12 +273,12 @@ class SpanManager:
 
     # -- loading (pool threads) -------------------------------------------------
 
-    def _load_run(self, run: list[int], claims: list[_Claim], deadline: float, keep: int,
+    def _load_run(self, run: list[int], claims: list[_Claim], deadline: float, remember: bool,
                   check_disk_first: bool) -> None:
         pending = dict(zip(run, claims, strict=True))
         try:
             if check_disk_first:
-                self._take_cached(pending, keep)
+                self._take_cached(pending, remember)
             if not pending:
                 return
             with contextlib.ExitStack() as locks:
@@ -307,9 +288,9 @@ class SpanManager:
                     locks.enter_context(self.cache.span_lock(self.layer, us, ue - us,
                                                              max(0.0, deadline - time.monotonic())))
                 # Another process (or manager) may have fetched these while we waited for the locks.
-                self._take_cached(pending, keep)
+                self._take_cached(pending, remember)
                 for sub in _runs(sorted(pending), self.MAX_MERGE_SPANS):
-                    self._fetch_run(sub, pending, deadline, keep)
+                    self._fetch_run(sub, pending, deadline, remember)
         except BaseException as exc:
             err = exc if isinstance(exc, SpanFetchError) else SpanFetchError(f"{self.layer}: {exc}")
             for sid, claim in pending.items():
@@ -317,15 +298,15 @@ class SpanManager:
             if not isinstance(exc, Exception):
                 raise
 
-    def _take_cached(self, pending: dict[int, _Claim], keep: int) -> None:
+    def _take_cached(self, pending: dict[int, _Claim], remember: bool) -> None:
         for sid in sorted(pending):
             us, ue = self._u_start[sid], self._u_end[sid]
             data = self.cache.get(self.layer, us, ue - us)
             if data is not None:
                 self.stats.add(cache_hits=1)
-                self._settle(sid, pending.pop(sid), data, keep)
+                self._settle(sid, pending.pop(sid), data, remember)
 
-    def _fetch_run(self, run: list[int], pending: dict[int, _Claim], deadline: float, keep: int) -> None:
+    def _fetch_run(self, run: list[int], pending: dict[int, _Claim], deadline: float, remember: bool) -> None:
         self.stats.add(cache_misses=len(run))
         datas = self._fetch_ranges([(self._c_start[s], self._c_end[s] - self._c_start[s]) for s in run], deadline)
         for sid, data in zip(run, datas, strict=True):
@@ -339,7 +320,7 @@ class SpanManager:
                 self._fail(sid, claim, SpanFetchError(f"{self.layer}: span {sid}: {exc}"))
                 continue
             self.cache.put(self.layer, self._u_start[sid], u)
-            self._settle(sid, claim, u, keep)
+            self._settle(sid, claim, u, remember)
 
     def _verified_span(self, sid: int, data: bytes, deadline: float) -> bytes:
         """Check the compressed span against its digest (refetching a bad one), then inflate it."""
@@ -416,7 +397,7 @@ class SpanManager:
         deadline = time.monotonic() + timeout
         # Chunks of a few spans: merged requests, yet every worker gets a share.
         per = max(1, min(self.MAX_MERGE_SPANS, -(-len(ids) // self.WORKERS)))
-        got = self._request(ids, deadline, keep=_DROP, inline_disk=False, skip_cached=True, merge=per)
+        got = self._request(ids, deadline, remember=False, inline_disk=False, skip_cached=True, merge=per)
         failed = late = 0
         for item in got.values():
             if isinstance(item, bytes):
@@ -434,7 +415,7 @@ class SpanManager:
     def fetch_span(self, span_id: int, timeout: float | None = None) -> bool:
         """Make sure one span is in the on-disk cache (background fetch). False if it already was."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        got = self._request([span_id], deadline, keep=_DROP, inline_disk=False, skip_cached=True)
+        got = self._request([span_id], deadline, remember=False, inline_disk=False, skip_cached=True)
         item = got.get(span_id)
         if item is None:
             return False
@@ -478,7 +459,6 @@ class SpanManager:
             claims = list(self._claims.items())
             self._claims.clear()
             self._mem.clear()
-            self._ahead.clear()
         for sid, claim in claims:
             self._fail(sid, claim, SpanFetchError(f"{self.layer}: the mount is closed"))
 
