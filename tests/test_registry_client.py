@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -233,3 +234,20 @@ host = "http://{mirror.host}"
             assert c.get_blob("cl/blob", digest.of_bytes(only), 100) == only
             assert c.get_blob("cl/blob", BLOB_DIGEST, len(BLOB)) == BLOB
         assert any(digest.of_bytes(only) in e.path for e in mirror.access_log())
+
+
+def test_whole_blob_reads_keep_the_connection(client: RegistryClient, reg: LocalRegistry,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A blob read to its end leaves its connection in the pool: the next request does not connect again."""
+    caplog.set_level(logging.DEBUG, logger="urllib3.connectionpool")
+    with RegistryClient(reg.host, RegistryOptions(plain_http=True)) as c:
+        small = b'{"small": "config"}'
+        c.push_blob("cl/keep", digest.of_bytes(small), len(small), small)  # connects once
+        caplog.clear()
+        for _ in range(2):
+            assert c.get_blob("cl/blob", BLOB_DIGEST, len(BLOB)) == BLOB
+            assert c.get_blob("cl/keep", digest.of_bytes(small)) == small
+            assert c.get_blob_range("cl/blob", BLOB_DIGEST, 10, 20) == BLOB[10:30]
+    connects = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(("Starting new", "Resetting dropped"))]
+    assert connects == []

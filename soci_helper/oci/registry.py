@@ -618,6 +618,8 @@ class RegistryClient:
                         # EOF before the Content-Length the server promised: a cut connection.
                         raise _Transient(f"registry {self.display}: {what}: body ended early "
                                          f"after {count} bytes")
+                    # Read past requests' back: r.close() would think the body unread and drop the connection.
+                    r.raw.release_conn()
                     break
                 except (_Transient, *_TRANSFER_ERRORS, OSError) as e:
                     err = e if isinstance(e, _Transient) else self._conn_error(e, what)
