@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,7 +27,7 @@ from soci_helper.oci.auth import Credentials
 from soci_helper.oci.manifest import Descriptor, ImageManifest, parse_image_manifest
 from soci_helper.oci.platform import host_platform, normalize
 from soci_helper.oci.registry import RegistryClient, RegistryOptions, close_clients
-from soci_helper.oci.source import ImageSource, SourceOptions, open_source, select_manifests
+from soci_helper.oci.source import ImageSource, SourceOptions, open_source, read_config, select_images, select_manifests
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -159,6 +160,28 @@ def test_docker_media_types(plain_reg, images) -> None:
     # Fetching by digest verifies and gives the same bytes.
     by_digest = open_source(f"{plain_reg.host}/demo/docker@{top.digest}", plain_reg.source_options())
     assert by_digest.resolve().digest == top.digest
+
+
+def test_registry_source_asks_for_each_manifest_and_config_once(plain_reg) -> None:
+    before = len(plain_reg.access_log())
+    src = open_source(f"{plain_reg.host}/demo/single:v1", plain_reg.source_options())
+    top = src.resolve()
+    [info] = select_manifests(src)  # no platform in the descriptor: the config says which
+    assert info.platform is not None and read_config(src, info) == info.config
+    multi = open_source(f"{plain_reg.host}/demo/multi:v1", plain_reg.source_options())
+    assert len(select_images(multi, SourceOptions(platform="linux/amd64,linux/arm64"))) == 2
+    assert multi.resolve() == multi.resolve()
+    gets = Counter(e.path for e in plain_reg.access_log()[before:] if e.method == "GET")
+    assert gets["/v2/demo/single/manifests/v1"] == 1 and gets["/v2/demo/multi/manifests/v1"] == 1, gets
+    assert gets[f"/v2/demo/single/blobs/{info.manifest.config.digest}"] == 1, gets
+    assert set(gets.values()) == {1}, gets
+    # Pushing under the source's own tag moves what it resolves to, without asking the registry again.
+    moving = open_source(f"{plain_reg.host}/demo/single:moving", plain_reg.source_options())
+    assert moving.push_manifest(info.raw, top.media_type, tag="moving") == moving.resolve() == top
+    changed = info.raw.replace(b"{", b'{"annotations": {"moved": "yes"}, ', 1)
+    pushed = moving.push_manifest(changed, top.media_type, tag="moving")
+    assert moving.resolve() == pushed != top and moving.fetch_manifest(pushed) == changed
+    assert not any(e.method == "GET" and "/manifests/moving" in e.path for e in plain_reg.access_log())
 
 
 def test_tampered_layout_blob(images, tmp_path) -> None:

@@ -264,6 +264,12 @@ def test_rpull_labels_and_remote_layer(built: dict[str, Any], registry: tuple[Lo
         assert not any(l1.digest in p for p in blob_gets), blob_gets
         assert any(l2.digest in p for p in blob_gets)
         assert res.downloaded < l1.size
+        # The pull asks for the manifest and the config once each, then only for the layer it unpacks.
+        config = json.loads(OCILayout(built["layout"]).read_blob(built["manifest"]))["config"]["digest"]
+        repo = "/v2/rpull/busybox"
+        assert [(e.method, e.path) for e in reg.access_log()[before:]] == [
+            ("GET", f"{repo}/manifests/latest"), ("GET", f"{repo}/blobs/{config}"),
+            ("GET", f"{repo}/blobs/{l2.digest}")]
 
         assert _ctr_snapshots(sb) == {chain1: ("", "Committed"), chain2: (chain1, "Committed")}
         run = c.ctr("run", "--rm", "--snapshotter", "soci", ref, "rpull-b", "/bin/busybox", "sh", "-c",

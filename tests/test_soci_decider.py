@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -429,12 +430,26 @@ def test_bad_requests_and_registry_outage_leave_consistent_metadata(world: dict[
 def test_rpull_then_run(world: dict[str, Any], tmp_path: Path) -> None:
     """The same image pulled by `soci image rpull`: lazy big layer, local small ones, and a container runs."""
     img: Image = world["mixed"]
+    reg: LocalRegistry = world["reg"]
     with sandbox_with(tmp_path) as sb:
         c = sb.containerd
+        before = len(reg.access_log())
         r = subprocess.run([sys.executable, "-m", "soci_helper.cli.main", "--root", str(sb.snapshotter.root),
                             "-a", str(c.address), "-n", c.namespace, "image", "rpull", "--plain-http", img.ref],
                            capture_output=True, text=True, timeout=90)
         assert r.returncode == 0, r.stderr + sb.snapshotter.log_tail()
+        # rpull and the snapshotter (three Prepares, told the manifest digest) each read the manifest and the
+        # config once; discovery reads the index and its zTOC once; each local layer is downloaded once.
+        gets = Counter(e.path for e in reg.access_log()[before:] if e.method == "GET")
+        repo = "/v2/test/mixed"
+        config = json.loads(img._blob(img.manifest_digest))["config"]["digest"]
+        assert gets[f"{repo}/manifests/v1"] == 1, gets
+        assert gets[f"{repo}/manifests/{img.manifest_digest}"] == 1, gets
+        assert gets[f"{repo}/blobs/{config}"] == 2, gets
+        assert gets[f"{repo}/manifests/{img.index_digest}"] == 1, gets
+        assert [gets[f"{repo}/blobs/{layer['digest']}"] for layer in img.layers[1:]] == [1, 1], gets
+        known = {f"{repo}/blobs/{d}" for d in (config, *(layer["digest"] for layer in img.layers))}
+        assert [n for path, n in gets.items() if "/blobs/" in path and path not in known] == [1], gets  # the zTOC
         rows = consistent(sb)
         modes = sorted(i.labels.get("containerd.io/snapshot/remote/soci.mode", "") for i in rows.values())
         assert modes == ["lazy", "local", "local"]
@@ -461,3 +476,28 @@ def test_pull_modes_disabled_leave_the_image_to_containerd(world: dict[str, Any]
         assert mounts_below(tmp_path / "root") == [] and layer_servers(tmp_path / "root") == []
     finally:
         sn.close()
+
+
+def test_images_are_remembered_between_prepares_in_a_bounded_cache(world: dict[str, Any], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from soci_helper.oci.reference import parse_reference
+    from soci_helper.snapshotter import soci as soci_mod
+
+    reg: LocalRegistry = world["reg"]
+    mixed, plain = world["mixed"], world["plain"]
+    monkeypatch.setattr(soci_mod, "IMAGE_CACHE_SIZE", 1)
+    dec = soci_mod.SociDecider(tmp_path / "root")
+    try:
+        def fetches(img: Image) -> int:
+            before = len(reg.access_log())
+            info, _ = dec._image(parse_reference(img.ref), img.manifest_digest)
+            assert info.manifest_digest == img.manifest_digest and list(info.chain_ids) == img.chain_ids
+            return sum(1 for e in reg.access_log()[before:] if e.method == "GET")
+
+        assert fetches(mixed) == 2  # its manifest and config
+        assert fetches(mixed) == 0
+        assert fetches(plain) == 2
+        assert len(dec._images) == 1  # mixed made room for plain
+        assert fetches(mixed) == 2
+    finally:
+        dec.close()

@@ -20,7 +20,7 @@ from .. import digest as dg
 from ..errors import DigestError, ReferenceError_, SociError
 from ..oci import mediatype as mt
 from ..oci.manifest import Descriptor, parse_index
-from ..oci.source import ImageManifestInfo, RegistrySource, SourceOptions, open_source, select_manifests
+from ..oci.source import ImageManifestInfo, RegistrySource, SourceOptions, open_source, read_config, select_manifests
 from .client import Containerd, ContainerdError, descriptor_pb
 
 log = logging.getLogger(__name__)
@@ -372,10 +372,10 @@ class _Plan:
 def _resolve(source: RegistrySource, platform: str | None) -> _Plan:
     """Everything the pull needs from the registry before writing anything: manifests, config, chainIDs."""
     name = str(source.reference)
-    top = source.resolve()
+    top = source.resolve()  # the source keeps it: selecting the platform image below asks no second time
     image = select_manifests(source, platform)[0]
     manifest = image.manifest
-    config = source.read_blob(manifest.config) if manifest.config.size <= _CONFIG_MAX else b""
+    config = read_config(source, image) if manifest.config.size <= _CONFIG_MAX else b""
     if not config:
         raise RpullError(f"{name}: image config {manifest.config.digest} is missing or too large")
     diff_ids = _diff_ids(config, len(manifest.layers), name)

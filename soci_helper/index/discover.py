@@ -116,11 +116,12 @@ class DiscoveredIndex:
 
 def _v2_from_image_index(source: RegistrySource, image_digest: str) -> str | None:
     # The converted image's index lists the SOCI index descriptor next to the image manifest.
-    ref = source.reference
-    top_bytes, top = source.client.get_manifest(ref.repository, ref.object)
+    if source.reference.digest == image_digest:
+        return None  # the reference names the image manifest itself: there is no index above it to read
+    top = source.resolve()
     if mt.base_type(top.media_type) not in mt.INDEXES:
         return None
-    for d in parse_index(top_bytes, top.media_type).manifests:
+    for d in parse_index(source.fetch_manifest(top), top.media_type).manifests:
         names = d.annotations.get(si.ANNOTATION_IMAGE_MANIFEST_DIGEST)
         if d.artifact_type == si.ARTIFACT_TYPE_V2 and names == image_digest:
             return d.digest
@@ -154,7 +155,7 @@ def _locate(source: RegistrySource, image: ImageManifestInfo, explicit: str | No
 
 
 def discover(image_ref: str, opts: SourceOptions, store: Store, explicit_index_digest: str | None = None,
-             platform: str | None = None) -> DiscoveredIndex:
+             platform: str | None = None, image: ImageManifestInfo | None = None) -> DiscoveredIndex:
     """Find the SOCI index for one platform image of `image_ref` and fetch it and its zTOCs locally.
 
     Order (first hit wins): `explicit_index_digest`; the image manifest's `com.amazon.soci.index-digest`
@@ -167,11 +168,15 @@ def discover(image_ref: str, opts: SourceOptions, store: Store, explicit_index_d
 
     Every blob is verified against its digest before it enters the store; the index and zTOCs are
     recorded in the artifacts database. NotFound when the image has no index.
+
+    `image` is the platform image of `image_ref` when the caller has fetched (and verified) it already;
+    `platform` is then ignored.
     """
     source = open_source(image_ref, opts)
     if not isinstance(source, RegistrySource):
         raise SociError(f"{image_ref}: discovery needs a registry reference (host/repo:tag or @digest)")
-    image = select_manifests(source, platform)[0]
+    if image is None:
+        image = select_manifests(source, platform)[0]
     index_digest, via, n = _locate(source, image, explicit_index_digest)
     client, repo = source.client, source.reference.repository
     where = f"SOCI index {index_digest}"

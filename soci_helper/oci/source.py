@@ -98,11 +98,16 @@ class RegistrySource(ImageSource):
         self.tag = reference.tag
         # Manifests already fetched, by digest, so resolve() + fetch_manifest() is one request.
         self._manifests: dict[str, bytes] = {}
+        self._top: Descriptor | None = None
 
     def resolve(self) -> Descriptor:
-        data, desc = self.client.get_manifest(self.reference.repository, self.reference.object)
-        self._manifests[desc.digest] = data
-        return desc
+        """The top-level manifest, asked for once per source: every step of one command then works on the same
+        image, and a tag is not fetched again by each of them."""
+        if self._top is None:
+            data, desc = self.client.get_manifest(self.reference.repository, self.reference.object)
+            self._manifests[desc.digest] = data
+            self._top = desc
+        return self._top
 
     def fetch_manifest(self, desc: Descriptor) -> bytes:
         cached = self._manifests.get(desc.digest)
@@ -130,7 +135,11 @@ class RegistrySource(ImageSource):
     def push_manifest(self, data: bytes, media_type: str, tag: str | None = None) -> Descriptor:
         """PUT under `tag`, or under its digest when no tag is given."""
         ref = tag or _digest.of_bytes(data)
-        return self.client.put_manifest(self.reference.repository, ref, data, media_type)
+        desc = self.client.put_manifest(self.reference.repository, ref, data, media_type)
+        self._manifests[desc.digest] = data
+        if tag is not None and tag == self.tag:
+            self._top = desc  # what the tag names from now on
+        return desc
 
 
 class _LayoutSourceBase(ImageSource):
@@ -223,17 +232,26 @@ class ImageManifestInfo:
     manifest: ImageManifest
     platform: Platform | None
     raw: bytes = b""  # the manifest exactly as stored, for rewriting and keeping it
+    config: bytes | None = None  # the config blob once read (verified), see read_config
 
     def platform_string(self) -> str:
         return str(self.platform) if self.platform is not None else ""
 
 
-def _config_platform(source: ImageSource, manifest: ImageManifest) -> Platform | None:
-    cfg = manifest.config
+def read_config(source: ImageSource, image: ImageManifestInfo) -> bytes:
+    """The image's config blob, verified against its digest; read from `source` only the first time (finding
+    the platform of a single-manifest image reads it already)."""
+    if image.config is None:
+        image.config = source.read_blob(image.manifest.config)
+    return image.config
+
+
+def _config_platform(source: ImageSource, image: ImageManifestInfo) -> Platform | None:
+    cfg = image.manifest.config
     if mt.base_type(cfg.media_type) not in (mt.OCI_CONFIG, mt.DOCKER_CONFIG) or cfg.size > (4 << 20):
         return None
     try:
-        obj = json.loads(source.read_blob(cfg))
+        obj = json.loads(read_config(source, image))
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("os"), str) or not isinstance(
@@ -275,9 +293,10 @@ def select_manifests(source: ImageSource, platform: str | Platform | None = None
     kind = mt.base_type(top.media_type)
     if kind in mt.IMAGE_MANIFESTS:
         data = source.fetch_manifest(top)
-        man = parse_image_manifest(data, top.media_type)
-        plat = top.platform or _config_platform(source, man)
-        return [ImageManifestInfo(top, man, plat, data)]
+        info = ImageManifestInfo(top, parse_image_manifest(data, top.media_type), top.platform, data)
+        if info.platform is None:
+            info.platform = _config_platform(source, info)
+        return [info]
     if kind not in mt.INDEXES:
         raise ManifestError(f"{source.ref}: unsupported top-level media type {top.media_type!r}")
 

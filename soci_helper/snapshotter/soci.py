@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .. import config as config_mod
 from .. import digest as dg
@@ -27,11 +27,11 @@ from ..index.ops import Store
 from ..mount.helper import force_unmount, mount_layer, soci_mounts_at
 from ..oci import mediatype as mt
 from ..oci.auth import resolve_credentials
-from ..oci.manifest import Descriptor, parse_image_manifest
+from ..oci.manifest import Descriptor
 from ..oci.mirrors import insecure_host
 from ..oci.reference import Reference, parse_reference
 from ..oci.registry import RegistryClient, RegistryOptions, get_client
-from ..oci.source import SourceOptions
+from ..oci.source import ImageManifestInfo, SourceOptions, open_source, read_config, select_manifests
 from ..store.artifacts import TYPE_INDEX
 from .metadata import SnapshotInvalid, SnapshotPrecondition, Usage
 from .remote import LayerRequest, RemoteLayer, lazy_unmount
@@ -55,6 +55,9 @@ ZTOC_LABEL = "containerd.io/snapshot/remote/soci.ztoc.digest"
 
 # Negative discovery results expire: an index may be pushed after a first pull found none.
 NO_INDEX_TTL = 60.0
+# Images (and their index lookups) remembered between Prepares: an image's layers arrive one Prepare each, and
+# a daemon runs for months.
+IMAGE_CACHE_SIZE = 64
 _LOOPBACK = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 _SCHEMA = """
@@ -159,6 +162,18 @@ def _is_digest(value: object) -> bool:
     return True
 
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _remember(cache: dict[_K, _V], key: _K, value: _V, limit: int) -> None:
+    """Store `key` as the most recently used entry; the least recently used ones beyond `limit` go."""
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > limit:
+        del cache[next(iter(cache))]
+
+
 def is_loopback(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
     return name in _LOOPBACK or name.startswith("127.")
@@ -217,34 +232,36 @@ class SociDecider:
 
     # --- image and index ------------------------------------------------------------
 
-    def _image(self, ref: Reference, manifest_digest: str | None) -> ImageInfo:
+    def _image(self, ref: Reference, manifest_digest: str | None) -> tuple[ImageInfo, ImageManifestInfo | None]:
+        """The image a Prepare's labels name; with it, when it was fetched just now rather than remembered, the
+        manifest (and config) as read, so that index discovery does not fetch them again."""
         # Keyed by repository too: the same manifest pushed elsewhere must be fetched from there.
         key = f"{ref.name}@{manifest_digest}" if manifest_digest else str(ref)
-        cached = self._images.get(key)
-        if cached is not None:
-            return cached
-        client = self._client(ref)
-        if manifest_digest is None:
-            from ..oci.source import open_source, select_manifests
-
-            info = select_manifests(open_source(str(ref), self._source_opts(ref)))[0]
-            data, manifest_digest = info.raw, info.descriptor.digest
-            media_type = info.descriptor.media_type
-        else:
-            data, desc = client.get_manifest(ref.repository, manifest_digest)
-            if dg.of_bytes(data) != manifest_digest:
-                raise SnapshotPrecondition(f"registry {ref.registry}: manifest {manifest_digest} has other content")
-            media_type = desc.media_type
-        man = parse_image_manifest(data, media_type)
-        cfg = json.loads(client.get_blob(ref.repository, man.config.digest, man.config.size))
+        with self._lock:
+            cached = self._images.get(key)
+            if cached is not None:
+                _remember(self._images, key, cached, IMAGE_CACHE_SIZE)
+                return cached, None
+        target = Reference(ref.registry, ref.repository, None, manifest_digest) if manifest_digest else ref
+        source = open_source(str(target), self._source_opts(ref))
+        # By digest the registry client checks the bytes against it; by tag the host's platform is chosen.
+        image = select_manifests(source)[0]
+        digest = image.descriptor.digest
+        if manifest_digest is not None and digest != manifest_digest:
+            raise SnapshotPrecondition(f"registry {ref.registry}: {manifest_digest} is an image index, "
+                                       f"not an image manifest")
+        cfg = json.loads(read_config(source, image))
         diff_ids = tuple((cfg.get("rootfs") or {}).get("diff_ids") or ())
-        if len(diff_ids) != len(man.layers) or not all(isinstance(d, str) and _is_digest(d) for d in diff_ids):
-            raise SnapshotPrecondition(f"image {manifest_digest}: config lists {len(diff_ids)} diffIDs for "
-                                       f"{len(man.layers)} layers")
-        pinned = Reference(ref.registry, ref.repository, None, manifest_digest)
-        info = ImageInfo(pinned, manifest_digest, tuple(man.layers), diff_ids, chain_ids(diff_ids))
-        self._images[key] = self._images[f"{ref.name}@{manifest_digest}"] = info
-        return info
+        layers = image.manifest.layers
+        if len(diff_ids) != len(layers) or not all(isinstance(d, str) and _is_digest(d) for d in diff_ids):
+            raise SnapshotPrecondition(f"image {digest}: config lists {len(diff_ids)} diffIDs for "
+                                       f"{len(layers)} layers")
+        pinned = Reference(ref.registry, ref.repository, None, digest)
+        info = ImageInfo(pinned, digest, tuple(layers), diff_ids, chain_ids(diff_ids))
+        with self._lock:
+            _remember(self._images, key, info, IMAGE_CACHE_SIZE)
+            _remember(self._images, f"{ref.name}@{digest}", info, IMAGE_CACHE_SIZE)
+        return info, image
 
     def _mode_enabled(self, artifact_type: str) -> bool:
         if artifact_type == si.ARTIFACT_TYPE_V2:
@@ -271,9 +288,12 @@ class SociDecider:
                 return FoundIndex(digest, index)
         return None
 
-    def _index(self, info: ImageInfo, explicit: str | None) -> FoundIndex | None:
+    def _index(self, info: ImageInfo, explicit: str | None, image: ImageManifestInfo | None = None
+               ) -> FoundIndex | None:
+        """The SOCI index to use for `info`; `image` is its manifest when the caller has just fetched it."""
         key = (info.manifest_digest, explicit or "")
-        hit = self._indexes.get(key)
+        with self._lock:
+            hit = self._indexes.get(key)
         if hit is not None and (hit[0] is not None or time.monotonic() < hit[1]):
             return hit[0]
         store = Store.open(str(self.root))
@@ -286,12 +306,13 @@ class SociDecider:
                     return None
                 try:
                     d = discover(str(info.reference), self._source_opts(info.reference), store,
-                                 explicit_index_digest=explicit)
+                                 explicit_index_digest=explicit, image=image)
                 except NotFound as exc:
                     if explicit:
                         raise SnapshotPrecondition(f"SOCI index {explicit} named by the label: {exc}") from None
                     log.info("image %s has no SOCI index; layers are unpacked by containerd", info.manifest_digest)
-                    self._indexes[key] = (None, time.monotonic() + NO_INDEX_TTL)
+                    with self._lock:
+                        _remember(self._indexes, key, (None, time.monotonic() + NO_INDEX_TTL), IMAGE_CACHE_SIZE)
                     return None
                 if self._mode_enabled(d.index.artifact_type):
                     found = FoundIndex(d.digest, d.index)
@@ -300,7 +321,8 @@ class SociDecider:
                              info.manifest_digest, d.digest, d.found_via)
         finally:
             store.close()
-        self._indexes[key] = (found, time.monotonic() + NO_INDEX_TTL)
+        with self._lock:
+            _remember(self._indexes, key, (found, time.monotonic() + NO_INDEX_TTL), IMAGE_CACHE_SIZE)
         return found
 
     # --- the hook -----------------------------------------------------------------------
@@ -323,8 +345,8 @@ class SociDecider:
             if not _is_digest(d.strip()):
                 raise SnapshotInvalid(f"label {IMAGE_LAYERS_LABEL}: {d[:80]!r} is not a sha256 digest")
         with self._once(ref.name):
-            info = self._image(ref, manifest_digest)
-            found = self._index(info, explicit)
+            info, fetched = self._image(ref, manifest_digest)
+            found = self._index(info, explicit, fetched)
         if found is None:
             return None
         pos = info.position(layer)
