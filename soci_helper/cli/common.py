@@ -1,4 +1,8 @@
-"""What every front end shares: default paths, logging set-up, and turning failures into one line."""
+"""What every front end shares: default paths, logging set-up, and turning failures into one line.
+
+Imports here stay light: every entry point (`soci --help`, the daemon, mount.fuse.soci) loads this module, so
+what only some commands need (the registry client and `requests`, the config parser) is imported when used.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ..config import DEFAULT_CONFIG_PATH, Config
-from ..config import load as _load_config
 from ..errors import SociError
-from ..oci.source import SourceOptions
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..oci.source import SourceOptions
 
 SYSTEM_ROOT = "/var/lib/soci-snapshotter-grpc"
 
@@ -78,6 +84,8 @@ def add_platform_flags(p: argparse.ArgumentParser) -> None:
 
 
 def source_options(args: argparse.Namespace) -> SourceOptions:
+    from ..oci.source import SourceOptions
+
     user = args.user
     if user and ":" not in user:
         # Asking on the terminal keeps the password out of argv and shell history.
@@ -103,4 +111,7 @@ def _platforms(value: str | list[str] | None) -> str | None:
 
 def load_config(path: str | None = None) -> Config:
     """config.toml: the named file (which must exist), else the system one if present, else defaults."""
+    from ..config import DEFAULT_CONFIG_PATH
+    from ..config import load as _load_config
+
     return _load_config(path or DEFAULT_CONFIG_PATH, required=bool(path))

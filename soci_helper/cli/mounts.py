@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fs import server as srv
-from ..mount.helper import force_unmount, soci_mounts_at
-
 ALIVE, DEAD, GONE, STARTING = "alive", "dead", "gone", "starting"
 _COUNTERS = ("bytes_served", "bytes_fetched", "spans_fetched", "cache_hits", "cache_misses", "verify_failures",
              "read_errors")
@@ -48,6 +45,10 @@ def _stat_with_timeout(path: str, timeout: float = 2.0) -> int | None:
 
 
 def inspect(root: str) -> list[MountInfo]:
+    # Here, not at the top: `soci` builds this command's parser for every command it runs.
+    from ..fs import server as srv
+    from ..mount.helper import soci_mounts_at
+
     out: list[MountInfo] = []
     mdir = srv.mounts_dir(root)
     for path in sorted(mdir.glob("*.json")) if mdir.is_dir() else []:
@@ -115,6 +116,9 @@ def cmd_mounts(args: argparse.Namespace, store: object = None) -> int:
 
 def cmd_mounts_cleanup(args: argparse.Namespace, store: object = None) -> int:
     """Unmount dead mounts and forget mounts that are gone; alive mounts are left alone."""
+    from ..fs import server as srv
+    from ..mount.helper import force_unmount
+
     failed = 0
     for m in inspect(args.root):
         if m.state in (ALIVE, STARTING):
@@ -137,13 +141,13 @@ def add_mounts_parser(sub: Any) -> argparse.ArgumentParser:
     """Add `mounts` (and `mounts cleanup`) to the `soci` command's subparsers."""
     p = sub.add_parser("mounts", help="list lazy layer mounts (alive or dead) and their counters")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_mounts)
+    p.set_defaults(func=cmd_mounts, needs_store=False)  # it reads the layer servers' state files only
     msub = p.add_subparsers(dest="mounts_command", metavar="COMMAND")
     c = msub.add_parser("list", aliases=["ls"], help="list mounts (the default)")
     c.add_argument("--json", action="store_true", help="print JSON")
-    c.set_defaults(func=cmd_mounts)
+    c.set_defaults(func=cmd_mounts, needs_store=False)
     c = msub.add_parser("cleanup", help="unmount dead mounts and remove state of mounts that are gone")
-    c.set_defaults(func=cmd_mounts_cleanup)
+    c.set_defaults(func=cmd_mounts_cleanup, needs_store=False)
     return p
 
 

@@ -1,15 +1,23 @@
-"""The `soci push` and `soci index pull` commands: argument parsing and output only."""
+"""The `soci push` and `soci index pull` commands: argument parsing and output only.
+
+The registry work is imported when a command runs, not when the parser is built.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..index import ops
-from ..index.discover import discover
-from ..index.push import EXISTING_INDEX_OPTIONS, EXISTING_WARN, push
 from .common import add_platform_flags, add_registry_flags, source_options
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from ..index import ops
+
+# index.push's EXISTING_INDEX_OPTIONS and EXISTING_WARN, spelled out so that building the parser does not import
+# the registry client (a test keeps them equal).
+EXISTING_INDEX_OPTIONS = ("warn", "skip", "allow")
+EXISTING_WARN = "warn"
 
 
 def add_push_parser(sub: Any) -> None:
@@ -71,12 +79,16 @@ class _BlobOutput:
 
 
 def cmd_push(args: argparse.Namespace, store: ops.Store) -> int:
+    from ..index.push import push
+
     out = _BlobOutput(args.quiet)
     push(args.image, store, source_options(args), args.existing_index, out.message, out.blob)
     return 0
 
 
 def cmd_index_pull(args: argparse.Namespace, store: ops.Store) -> int:
+    from ..index.discover import discover
+
     opts = source_options(argparse.Namespace(**{**vars(args), "platform": []}))
     found = discover(args.image, opts, store, args.soci_index_digest, args.platform)
     if args.quiet:
