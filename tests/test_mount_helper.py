@@ -206,6 +206,36 @@ def test_reading_one_small_file_fetches_at_most_two_spans(env, tmp_path):
         assert wait_servers_gone(root)
 
 
+def _state_of(root: Path, mnt: Path) -> dict:
+    for p in (root / "mounts").glob("*.json"):
+        doc = json.loads(p.read_text())
+        if doc.get("mountpoint") == str(mnt):
+            return doc
+    raise AssertionError(f"no state file for {mnt}")
+
+
+def test_quiet_server_lets_go_of_spans_and_still_reads(env):
+    mnt = env["dir"] / "resting"
+    _mount(env, env["layers"][0], mnt)
+    try:
+        files = sorted(p for p in mnt.rglob("*") if p.is_file() and not p.is_symlink())
+        first = {p: p.read_bytes() for p in files}
+        # Two stats periods of quiet at most: the server drops its in-memory spans and trims the heap.
+        deadline = time.monotonic() + 10
+        while _state_of(env["root"], mnt)["memory_released"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _state_of(env["root"], mnt)["memory_released"] == 1
+        # Reads after that come from the disk cache, byte for byte the same, and wake the cycle again.
+        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+        assert {p: p.read_bytes() for p in files} == first
+        deadline = time.monotonic() + 10
+        while _state_of(env["root"], mnt)["memory_released"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _state_of(env["root"], mnt)["memory_released"] == 2
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 def test_killed_server_shows_dead_and_cleanup_unmounts(env):
     mnt = env["dir"] / "victim"
     _mount(env, env["layers"][1], mnt)

@@ -305,6 +305,7 @@ class LayerServer:
         self.mounted = False
         self.terminated = False
         self.error = ""
+        self.memory_released = 0  # quiet periods after which spans and freed buffers were let go
 
     # --- readiness pipe ----------------------------------------------------
 
@@ -337,6 +338,7 @@ class LayerServer:
             "entries": self.entries,
             "reader": self.reader_kind,
             "read_errors": getattr(self.fs, "read_errors", 0),
+            "memory_released": self.memory_released,
         }
         if self.error:
             extra["error"] = self.error
@@ -397,9 +399,29 @@ class LayerServer:
     async def _publish(self) -> None:
         import trio
 
+        trim = _malloc_trim()
+        seen = trimmed = self._activity()
         while True:
             await trio.sleep(STATS_PERIOD_SEC)
             self.write_state()
+            now = self._activity()
+            if now == seen and now != trimmed:
+                # Quiet for a whole period after reads or fetches: drop the inflated spans kept for reads in
+                # progress (the disk cache has them), and hand malloc's freed buffers back (megabytes each,
+                # held by its arenas), so a resting server's RSS is what it needs. Only when quiet: the
+                # refaults never slow a burst of reads.
+                release = getattr(self.reader, "release_memory", None)
+                if release is not None:
+                    release()
+                if trim is not None:
+                    trim(0)
+                trimmed = now
+                self.memory_released += 1
+            seen = now
+
+    def _activity(self) -> tuple[int, int]:
+        stats = getattr(self.reader, "stats", None)
+        return (stats.bytes_served, stats.bytes_fetched) if stats is not None else (0, 0)
 
     async def _on_signals(self) -> None:
         import pyfuse3

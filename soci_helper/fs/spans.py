@@ -442,6 +442,12 @@ class SpanManager:
     def closed(self) -> bool:
         return self._closed
 
+    def release_memory(self) -> None:
+        """Forget the inflated spans kept for reads in progress (they stay in the on-disk cache): for a
+        mount gone quiet, whose next read, if any, can afford one file read."""
+        with self._mu:
+            self._mem.clear()
+
     def note_activity(self) -> None:
         """A foreground read happened: background fetch pauses for the silence period."""
         self.last_activity = time.monotonic()
