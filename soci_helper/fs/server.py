@@ -26,7 +26,9 @@ log = logging.getLogger("soci.layer-server")
 
 MODULE = "soci_helper.fs.server"  # what `soci mounts` looks for in a server's command line
 STATS_PERIOD_SEC = 2.0
-READ_AHEAD_KB = 1024
+# The kernel's read-ahead on the mount: more FUSE reads in flight keep both cores busy on a sequential read.
+# Measured on 1, 2, 4, 8 and 16 MiB (soci-bench fs reads): 4 MiB was best; beyond it, bigger only added noise.
+READ_AHEAD_KB = 4096
 THREAD_STACK = 512 << 10
 BASE_OPTIONS = ("subtype=soci", "ro", "allow_other", "default_permissions")
 # Generic mount flags libfuse accepts and that make sense on a read-only layer.
