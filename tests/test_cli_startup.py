@@ -60,3 +60,23 @@ def test_parser_defaults_match_the_library() -> None:
     assert (push.EXISTING_INDEX_OPTIONS, push.EXISTING_WARN) == (EXISTING_INDEX_OPTIONS, EXISTING_WARN)
     args = main.build_parser().parse_args(["push", "x/y:z"])
     assert args.existing_index == EXISTING_WARN
+
+
+_MOUNT_PROBE = """
+import json, sys
+from soci_helper.cli.mount import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_mount_helper_finding_a_local_ztoc_imports_no_registry_client(tmp_path: Path) -> None:
+    # -f: everything up to starting the server (parse, open the store, look the zTOC up), which has none here.
+    (tmp_path / "mnt").mkdir()
+    src = "127.0.0.1:1/x@sha256:" + "a" * 64
+    r = subprocess.run([sys.executable, "-c", _MOUNT_PROBE, src, str(tmp_path / "mnt"), "-f", "-o",
+                        f"ro,root={tmp_path / 'root'}"], capture_output=True, text=True, timeout=60)
+    doc = json.loads(r.stdout.splitlines()[-1])
+    assert doc["code"] != 0 and "no zTOC for layer" in r.stderr
+    assert "soci_helper.store.artifacts" in doc["modules"]  # the store was opened and searched
+    assert not {"requests", "urllib3", "soci_helper.oci.registry"} & set(doc["modules"])

@@ -490,27 +490,27 @@ class InodeTable:
     def _freeze(self) -> None:
         """Directory dicts -> one name blob and arrays; also sets directory link counts."""
         kids = self._kids
-        modes, nlink = self.mode, self.nlink
+        nlink = self.nlink
         names: list[bytes] = []
         inos = array("I")
         starts = array("I", (0,))
         order = array("I")
         pos = 0
         dirs = {}
+        # Every directory, and only directories, has an entry in kids: membership is the type test, and
+        # map/sum and a C-level sort key keep the per-entry work out of the interpreter.
+        is_dir = kids.__contains__
+        by_name = names.__getitem__
         for ino in sorted(kids):
             children = kids[ino]
             lo = len(inos)
             names += children
             inos.extend(children.values())
-            subdirs = 0
-            for child in children.values():
-                if modes[child] & _S_IFMT == _S_IFDIR:
-                    subdirs += 1
             # A directory's link count is 2 plus one per subdirectory ("." and each child's "..").
-            nlink[ino] = 2 + subdirs
+            nlink[ino] = 2 + sum(map(is_dir, children.values()))
             hi = len(inos)
             dirs[ino] = (lo, hi)
-            order.extend(sorted(range(lo, hi), key=lambda k: names[k]))
+            order.extend(sorted(range(lo, hi), key=by_name))
         for name in names:
             pos += len(name)
             starts.append(pos)

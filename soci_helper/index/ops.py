@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import NotFound, SociError
 from ..oci.manifest import Descriptor
-from ..oci.source import SourceOptions, open_source
 from ..store.artifacts import TYPE_INDEX, TYPE_ZTOC, ArtifactEntry, ArtifactsDB
 from ..store.content import ContentStore
 from ..ztoc import codec
 from ..ztoc.model import Ztoc
 from ..ztoc.reader import Fetch
 from . import soci_index as si
+
+if TYPE_CHECKING:
+    # The registry client (requests) is only needed to read a remote layer; the mount helper opens the store
+    # on every mount and should not pay for importing it.
+    from ..oci.source import SourceOptions
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +188,8 @@ def layer_fetcher(store: Store, ztoc_digest: str, image: str | None, opts: Sourc
     spec = image or entry.image_ref
     if not spec:
         raise NotFound(f"layer {layer} is not local and no image is known for it; name one with --image")
+    from ..oci.source import open_source
+
     source = open_source(spec, opts)
     size = store.load_ztoc(ztoc_digest).compressed_archive_size
     desc = Descriptor(media_type="application/octet-stream", digest=layer, size=size)
