@@ -501,3 +501,31 @@ def test_images_are_remembered_between_prepares_in_a_bounded_cache(world: dict[s
         assert fetches(mixed) == 2
     finally:
         dec.close()
+
+
+def test_per_image_locks_serialise_and_leave_nothing_behind(tmp_path: Path) -> None:
+    import threading
+
+    from soci_helper.snapshotter import soci as soci_mod
+
+    dec = soci_mod.SociDecider(tmp_path / "root")
+    try:
+        inside: list[str] = []
+        overlap: list[bool] = []
+
+        def work(key: str) -> None:
+            with dec._once(key):
+                overlap.append(key in inside)
+                inside.append(key)
+                time.sleep(0.05)
+                inside.remove(key)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in ("a", "a", "a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert overlap == [False] * 4  # never two holders of one image's lock at once
+        assert dec._key_locks == {}  # and no lock kept for images no Prepare is working on
+    finally:
+        dec.close()

@@ -200,7 +200,9 @@ class SociDecider:
         self.config_path = config_path
         self.table = MountTable(sroot / "metadata.db")
         self._lock = threading.Lock()
-        self._key_locks: dict[str, threading.Lock] = {}
+        # Per-image locks with their holder counts; an entry goes when its last holder leaves (a daemon sees
+        # many images over its life).
+        self._key_locks: dict[str, tuple[threading.Lock, list[int]]] = {}
         self._images: dict[str, ImageInfo] = {}
         self._indexes: dict[tuple[str, str], tuple[FoundIndex | None, float]] = {}
 
@@ -213,9 +215,16 @@ class SociDecider:
     def _once(self, key: str) -> Iterator[None]:
         """Serialise work on one image: concurrent Prepares of its layers discover its index once."""
         with self._lock:
-            lock = self._key_locks.setdefault(key, threading.Lock())
-        with lock:
-            yield
+            lock, users = self._key_locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users[0] -= 1
+                if not users[0]:
+                    del self._key_locks[key]
 
     def _plain_http(self, host: str) -> bool:
         # Like containerd's resolver: loopback registries speak plain HTTP, and so does a host that config.toml
