@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from soci_helper.bench import suite
+from soci_helper.sandbox.images import write_image
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -114,3 +117,38 @@ def _cmdline_has(pid: str, needle: str) -> bool:
         return needle.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+def test_span_size_option_and_units() -> None:
+    p = suite.build_parser()
+    assert p.parse_args(["run"]).span_size == 4 << 20
+    assert p.parse_args(["--span-size", "1M", "run"]).span_size == 1 << 20
+    assert p.parse_args(["run", "--span-size", "512KiB"]).span_size == 512 << 10
+    assert suite.parse_size("524288") == 512 << 10
+    for bad in ("0", "1G", "-1", "1.5M", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            suite.parse_size(bad)
+    assert [suite.fmt_size(n) for n in (4 << 20, 512 << 10, 1000)] == ["4 MiB", "512 KiB", "1000 B"]
+
+
+def test_index_info_reports_the_span_grid_and_rejects_another_span_size(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    # Incompressible, so that the gzip layer and its spans have a predictable size.
+    (tree / "data.bin").write_bytes(os.urandom(600_000))
+    tar = tmp_path / "layer.tar"
+    subprocess.run(["tar", "-C", str(tree), "-cf", str(tar), "data.bin"], check=True)
+    write_image(tmp_path / "layout", [tar], "v1")
+    root = tmp_path / "root"
+    span = 128 << 10
+    created = suite.run_soci("create", "--min-layer-size", "0", "--span-size", str(span),
+                             f"oci:{tmp_path / 'layout'}:v1", root=root)
+    info = suite.index_info(root, created.stdout, span)
+    (z,) = info.ztocs
+    assert info.span_size == span and info.index_bytes > 0
+    # 600 KB of data plus tar headers in 128 KiB spans.
+    assert z["spans"] == 5 and z["layer_bytes"] > 600_000 and info.ztoc_bytes == z["ztoc_bytes"] > 0
+    with pytest.raises(RuntimeError, match="span size"):
+        suite.index_info(root, created.stdout, span * 2)
+    with pytest.raises(RuntimeError, match="no index digest"):
+        suite.index_info(root, "", span)

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -20,9 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..index.ops import Store
 from ..sandbox.containerd import SociSandbox, unmount_all_under
 from ..sandbox.netns import PROFILES, NetNamespace, NetProfile, registry_for
 from ..sandbox.registry import LocalRegistry
+from ..ztoc.model import DEFAULT_SPAN_SIZE
+from ..ztoc.reader import parse_zinfo
 from . import workloads as wl
 
 MODES: dict[str, str] = {
@@ -285,15 +289,86 @@ def _repo(w: wl.Workload) -> str:
     return f"bench/{w.name}"
 
 
+def fmt_size(n: int) -> str:
+    """4194304 -> "4 MiB", 524288 -> "512 KiB", other sizes in bytes."""
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "524288", "512K", "512KiB", "1M" or "1MiB" (binary units); for argparse."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:([KkMm])(?:i?B)?)?\s*", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (bytes, or a number with K or M)")
+    n = int(m.group(1)) << {None: 0, "k": 10, "m": 20}[m.group(2) and m.group(2).lower()]
+    if n <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return n
+
+
+@dataclass
+class IndexInfo:
+    """What a run's SOCI v1 index is made of: what rpull fetches before the first lazy read, and the span grid."""
+
+    digest: str
+    index_bytes: int
+    span_size: int
+    # One entry per zTOC: layer digest, zTOC digest and bytes, spans in the layer, compressed layer bytes.
+    ztocs: list[dict[str, Any]]
+
+    @property
+    def ztoc_bytes(self) -> int:
+        return sum(int(z["ztoc_bytes"]) for z in self.ztocs)
+
+
+_CREATED_RE = re.compile(r"^soci index (sha256:[0-9a-f]{64}) for ", re.M)
+
+
+def index_info(build_root: Path, create_stdout: str, span_size: int) -> IndexInfo:
+    """The index `soci create` just built, checked against `span_size`.
+
+    The check is the guard against measuring the wrong thing: a zTOC reused from an earlier build with
+    another span size would otherwise go unnoticed, as every other number would still look plausible.
+    """
+    m = _CREATED_RE.search(create_stdout)
+    if m is None:
+        raise RuntimeError(f"soci create printed no index digest: {create_stdout.strip()[-500:]}")
+    store = Store.open(str(build_root))
+    try:
+        digest = m.group(1)
+        idx = store.load_index(digest)
+        ztocs: list[dict[str, Any]] = []
+        for ref in idx.ztocs:
+            z = store.load_ztoc(ref.digest)
+            # The span size inside the zTOC is what the layer server uses; the annotation only describes it.
+            inner = parse_zinfo(z).span_size
+            if ref.span_size != span_size or inner != span_size:
+                raise RuntimeError(f"zTOC {ref.digest} of layer {ref.layer_digest} has span size {inner} "
+                                   f"(annotation {ref.span_size}), not the {span_size} asked for")
+            ztocs.append({"layer": ref.layer_digest, "ztoc": ref.digest, "ztoc_bytes": ref.size,
+                          "spans": z.max_span_id + 1, "layer_bytes": z.compressed_archive_size})
+        return IndexInfo(digest, store.content.size(digest), span_size, ztocs)
+    finally:
+        store.close()
+
+
 def refs_for(reg: LocalRegistry, w: wl.Workload) -> Refs:
     base = f"{reg.host}/{_repo(w)}"
     return Refs(full=f"{base}:latest", v1=f"{base}:latest", v2=f"{base}:soci-v2")
 
 
 def prepare_registry(regdir: Path, images: list[wl.BuiltImage], modes: list[str], min_layer_size: int,
-                     work: Path) -> None:
-    """Push every image, then build and push its v1 index and convert it to a v2 tag (unmeasured, loopback)."""
+                     work: Path, span_size: int = DEFAULT_SPAN_SIZE) -> dict[str, IndexInfo]:
+    """Push every image, then build and push its v1 index and convert it to a v2 tag (unmeasured, loopback).
+
+    Returns the v1 index of each workload that got one. Indexes cannot leak between runs: `work` (the
+    build store) and `regdir` are new for every run, and a run has one span size.
+    """
     build_root = work / "soci-build"
+    build = ("--plain-http", "--min-layer-size", str(min_layer_size), "--span-size", str(span_size))
+    infos: dict[str, IndexInfo] = {}
     with LocalRegistry(workdir=regdir) as reg:
         for img in images:
             w = img.workload
@@ -301,14 +376,17 @@ def prepare_registry(regdir: Path, images: list[wl.BuiltImage], modes: list[str]
             ref = reg.push_oci_layout(img.layout, f"{_repo(w)}:latest")
             note = f"pushed in {time.monotonic() - t0:.0f} s"
             if "soci-v1" in modes or "soci-v1-nobg" in modes:
-                run_soci("create", "--plain-http", "--min-layer-size", str(min_layer_size), ref, root=build_root)
+                created = run_soci("create", *build, ref, root=build_root)
+                info = index_info(build_root, created.stdout, span_size)
+                infos[w.name] = info
                 run_soci("push", "--plain-http", ref, root=build_root)
-                note += ", v1 index pushed"
+                note += (f", v1 index pushed ({len(info.ztocs)} zTOC(s), {info.ztoc_bytes / 1e6:.1f} MB, "
+                         f"spans of {fmt_size(span_size)})")
             if "soci-v2" in modes:
-                run_soci("convert", "--plain-http", "--min-layer-size", str(min_layer_size), ref,
-                         refs_for(reg, w).v2, root=build_root)
+                run_soci("convert", *build, ref, refs_for(reg, w).v2, root=build_root)
                 note += ", v2 converted"
             _progress(f"  {w.name}: {note} ({time.monotonic() - t0:.0f} s)")
+    return infos
 
 
 # --- results -------------------------------------------------------------------------
@@ -356,11 +434,14 @@ def _fmt_mb(v: float | None) -> str:
 
 
 def markdown(cells: dict[tuple[str, str, str], Cell], nets: list[NetProfile], workloads: list[str],
-             modes: list[str], skipped: dict[str, str], runs: int, methods: dict[str, str] | None = None) -> str:
+             modes: list[str], skipped: dict[str, str], runs: int, methods: dict[str, str] | None = None,
+             span_size: int = DEFAULT_SPAN_SIZE, indexes: dict[str, IndexInfo] | None = None) -> str:
     lines: list[str] = []
+    lazy_ran = any(c.mode in LAZY and c.runs for c in cells.values())
+    spans = f"; SOCI spans of {fmt_size(span_size)}" if lazy_ran else ""
     for net in nets:
         desc = net.describe((methods or {}).get(net.name))
-        lines += [f"#### {net.name}: {desc}; median (min-max) of {runs} run(s)", "",
+        lines += [f"#### {net.name}: {desc}; median (min-max) of {runs} run(s){spans}", "",
                   "| workload | mode | pull s | run to ready s | total s | total vs full | MB during pull "
                   "| MB until ready | MB vs full | snapshotter peak RSS MB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -384,6 +465,17 @@ def markdown(cells: dict[tuple[str, str, str], Cell], nets: list[NetProfile], wo
                     f"{_fmt_mb(cell.median('bytes_pull'))} | {_fmt_mb(cell.median('bytes_ready'))} | "
                     f"{'-' if ratio_b is None else f'{ratio_b:.3f}x'} | {_fmt_mb(rss)} |"
                     + (f" ({len(cell.errors)} failed)" if cell.errors else ""))
+        lines.append("")
+    if indexes:
+        lines.append(f"SOCI v1 indexes (`soci create --span-size {span_size}`):")
+        for wname in workloads:
+            info = indexes.get(wname)
+            if info is None:
+                continue
+            per_layer = "; ".join(f"layer {z['layer'][7:19]} {z['layer_bytes'] / 1e6:.1f} MB in {z['spans']} spans, "
+                                  f"zTOC {z['ztoc_bytes'] / 1e6:.2f} MB" for z in info.ztocs)
+            lines.append(f"- {wname}: index {info.index_bytes} B + {len(info.ztocs)} zTOC(s) "
+                         f"{info.ztoc_bytes / 1e6:.2f} MB" + (f" ({per_layer})" if per_layer else ""))
         lines.append("")
     for mode, why in skipped.items():
         lines.append(f"- {mode} skipped: {why}")
@@ -479,12 +571,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     images = [wl.build(wl.WORKLOADS[n], cache, _progress) for n in names]
     work = Path(tempfile.mkdtemp(prefix="soci-bench-suite-"))
     cells: dict[tuple[str, str, str], Cell] = {}
+    indexes: dict[str, IndexInfo] = {}
     started = time.monotonic()
     methods: dict[str, str] = {}  # how each shaped link was made, for the report
     try:
         regdir = work / "registry"
-        _progress("== registry: push, SOCI indexes")
-        prepare_registry(regdir, images, run_modes, args.min_layer_size, work)
+        _progress(f"== registry: push, SOCI indexes (spans of {fmt_size(args.span_size)})")
+        indexes = prepare_registry(regdir, images, run_modes, args.min_layer_size, work, args.span_size)
         total = len(nets) * len(images) * args.runs * len(run_modes)
         n = 0
         for net in nets:
@@ -517,16 +610,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    table = markdown(cells, nets, names, modes, skipped, args.runs, methods)
+    table = markdown(cells, nets, names, modes, skipped, args.runs, methods, args.span_size, indexes)
     print(table, end="", flush=True)
     full_of = {(c.net, c.workload): c for c in cells.values() if c.mode == "full"}
     doc = {
         "suite": "lazy start against full pull",
-        "runs": args.runs, "min_layer_size": args.min_layer_size,
+        "runs": args.runs, "min_layer_size": args.min_layer_size, "span_size": args.span_size,
         "seconds": round(time.monotonic() - started, 1),
         "networks": {n.name: n.describe(methods.get(n.name)) for n in nets},
         "workloads": {img.workload.name: {"about": img.workload.about, "command": list(img.workload.command),
-                                          "layers": img.layers, "compressed_bytes": img.compressed_bytes}
+                                          "layers": img.layers, "compressed_bytes": img.compressed_bytes,
+                                          "soci_index": (asdict(indexes[img.workload.name])
+                                                         if img.workload.name in indexes else None)}
                       for img in images},
         "modes": {m: MODES[m] for m in modes},
         "skipped": skipped,
@@ -564,6 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--cache", default=d(None), help="image cache directory (default: the user cache dir)")
         q.add_argument("--min-layer-size", type=int, default=d(10 << 20),
                        help="layers smaller than this get no zTOC (default 10 MiB, as soci create)")
+        q.add_argument("--span-size", type=parse_size, default=d(DEFAULT_SPAN_SIZE),
+                       help="uncompressed bytes per span of the SOCI indexes built for the run, passed to "
+                            "soci create/convert --span-size; K and M suffixes are binary (default 4 MiB, "
+                            "as soci create)")
         q.add_argument("--state-dir", default=d("/tmp"),
                        help="where each run's fresh tmpfs is mounted (default /tmp; keep it short: socket paths)")
         q.set_defaults(func=cmd_run)
