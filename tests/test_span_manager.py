@@ -327,6 +327,25 @@ def test_sequential_reads_fetch_spans_ahead(tmp_path, layer, blobs):
             time.sleep(0.02)
         assert all(m.is_cached(s) for s in ahead)
         assert not m.is_cached(first + 1 + m.READAHEAD_SPANS + 1)
+    # Not past the end of the file being read: a sequential read of a file ending in span `first` stops there.
+    with manager(layer, tmp_path / "bounded", blobs.fetch) as m:
+        chunk = 128 << 10
+        pos = m.span_range(first)[0]
+        file_end = pos + 4 * chunk
+        while pos < file_end:
+            assert m.read(pos, chunk, ahead_limit=file_end) == layer["tar"][pos:pos + chunk]
+            pos += chunk
+        time.sleep(0.3)
+        assert m.stats.spans_fetched == 1 and not m.is_cached(first + 1)
+        # ...while a file reaching into the next spans still gets them ahead, and no further.
+        end2 = m.span_range(first + 2)[0] + 10
+        for _ in range(2):
+            assert m.read(pos, chunk, ahead_limit=end2) == layer["tar"][pos:pos + chunk]
+            pos += chunk
+        deadline = time.monotonic() + 10
+        while not (m.is_cached(first + 1) and m.is_cached(first + 2)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert m.is_cached(first + 1) and m.is_cached(first + 2) and not m.is_cached(first + 3)
     # Random reads do not trigger it.
     with manager(layer, tmp_path / "random", blobs.fetch) as m:
         for sid in (8, 2, 12):

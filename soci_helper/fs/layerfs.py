@@ -27,7 +27,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 class SpanReader(Protocol):
     """What the filesystem needs from the span manager."""
 
-    def read_buffer(self, offset: int, length: int) -> bytes | memoryview: ...
+    def read_buffer(self, offset: int, length: int, ahead_limit: int | None = None) -> bytes | memoryview: ...
 
     def in_memory(self, offset: int, length: int) -> bool: ...
 
@@ -167,12 +167,13 @@ class LayerFS(pyfuse3.Operations):
         if self.on_read is not None:
             self.on_read()
         start = t.offset[fh] + off
+        file_end = t.offset[fh] + fsize
         try:
             # A view where it can be: pyfuse3 copies it into the reply, so a copy here would be a second one.
             if self.reader.in_memory(start, n):
                 # Bytes already inflated in memory: a thread hop would cost more than the copy.
-                return self.reader.read_buffer(start, n)  # type: ignore[return-value]
-            return await trio.to_thread.run_sync(self.reader.read_buffer, start, n)  # type: ignore[return-value]
+                return self.reader.read_buffer(start, n, file_end)  # type: ignore[return-value]
+            return await trio.to_thread.run_sync(self.reader.read_buffer, start, n, file_end)  # type: ignore[return-value]
         except SociError as exc:
             self.read_errors += 1
             log.error("read of inode %d at %d+%d failed: %s", fh, off, n, exc)
