@@ -206,6 +206,41 @@ def test_reading_one_small_file_fetches_at_most_two_spans(env, tmp_path):
         assert wait_servers_gone(root)
 
 
+def test_reading_small_files_in_layer_order_fetches_nothing_past_them(env, tmp_path):
+    # Consecutive small files look like one sequential stream to the span manager; read-ahead must still stop
+    # at the end of each file, or every file read pulls the next spans of the layer too.
+    with tarfile.open(env["dir"] / "real.tar") as tf:
+        members = [m for m in tf.getmembers() if m.isreg() and 0 < m.size < 4096]
+        layer_size = max(m.offset_data + m.size for m in tf.getmembers())
+    # Well before the layer's end, so that read-ahead would have spans to fetch: the first stretch of at least
+    # four small files within half a span.
+    late = [m for m in members if layer_size // 20 < m.offset_data < layer_size // 2]
+    run: list[tarfile.TarInfo] = []
+    for i in range(len(late)):
+        run = [m for m in late[i:] if m.offset_data + m.size - late[i].offset <= SMALL_SPAN // 2]
+        if len(run) >= 4:
+            break
+    assert len(run) >= 4
+    root = tmp_path / "root"
+    soci_cli(root, "create", "--plain-http", "--span-size", str(SMALL_SPAN), "--min-layer-size", "0", env["ref"])
+    layer = env["layers"][0]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mount_guard(tmp_path, root):
+        r = mount_cmd(_source(env, layer), mnt, f"ro,plain_http,root={root},config={env['config']}")
+        assert r.returncode == 0, r.stderr
+        before = _blob_gets(env, layer)
+        with tarfile.open(env["dir"] / "real.tar") as tf:
+            for m in run:
+                assert (mnt / m.name).read_bytes() == tf.extractfile(m).read()  # type: ignore[union-attr]
+        time.sleep(0.5)  # read-ahead runs in the background: give it time to show up in the log
+        # Half a span of the layer holds them all: at most the two spans it can straddle.
+        fetched = _blob_gets(env, layer) - before
+        assert 1 <= fetched <= 2, f"{fetched} range requests for {len(run)} files within {SMALL_SPAN // 2} bytes"
+        subprocess.run(["umount", str(mnt)], check=True)
+        assert wait_servers_gone(root)
+
+
 def _state_of(root: Path, mnt: Path) -> dict:
     for p in (root / "mounts").glob("*.json"):
         doc = json.loads(p.read_text())
@@ -284,6 +319,14 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_mount(env):
     r = mount_cmd(f"{dead_host}/test/stack@{env['layers'][0]}", mnt, _opts(env))
     _fails_cleanly(r, mnt, "cannot connect")
     assert wait_servers_gone(env["root"])
+    # A malformed zTOC: the table the helper builds before the server starts fails, and says so in one line;
+    # neither the builder nor the server outlives the failed mount.
+    from soci_helper.store.content import ContentStore
+
+    junk = ContentStore(env["root"]).ingest([b"\x10\x00\x00\x00" + b"\xff" * 60])
+    _fails_cleanly(mount_cmd(_source(env, env["layers"][0]), mnt, _opts(env, f"ztoc={junk}")), mnt, "zTOC")
+    assert wait_servers_gone(env["root"])
+    assert not subprocess.run(["pgrep", "-f", "mount.fuse.soci"], capture_output=True).stdout
     # Called directly, the helper raises the same one-line error.
     from soci_helper.mount.helper import MountError, mount_layer
 
