@@ -46,6 +46,8 @@ TARGET_SPEEDUP = {"loopback": 8.0}
 TARGET_SPEEDUP_SHAPED = 10.0
 TARGET_IDLE_RSS = 80 * MB
 TARGET_SERVER_RSS = 40 * MB
+# Two of a layer server's stats periods: it lets go of spans and freed heap once quiet that long.
+REST_SEC = 5.0
 # Files with other characters would need quoting in the container's script.
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9._/+-]+")
 
@@ -269,6 +271,7 @@ class Results:
     methods: dict[str, str] = field(default_factory=dict)  # net -> how it was shaped
     idle_rss: Series = field(default_factory=Series)
     server_rss: Series = field(default_factory=Series)
+    server_rss_rest: Series = field(default_factory=Series)
     servers_per_run: Series = field(default_factory=Series)
     errors: list[str] = field(default_factory=list)
 
@@ -284,15 +287,19 @@ def measure_net(reg: LocalRegistry, net: NetProfile, image: SampleImage, res: Re
             cell = res.cells.setdefault((net.name, mode), suite.Cell(net.name, w.name, mode))
             head = f"[{counter[0]}/{total}] {net.name} {MODE_LABEL[mode]} run {i + 1}/{res.runs}"
             rss: list[int] = []
+            rest: list[int] = []
             bad: list[str] = []
 
-            def inspect(sb: SociSandbox, output: str, mode: str = mode, rss: list[int] = rss,
+            def inspect(sb: SociSandbox, output: str, mode: str = mode, rss: list[int] = rss, rest: list[int] = rest,
                         bad: list[str] = bad) -> None:
                 if (why := check_output(image, output)) is not None:
                     bad.append(why)
                 if mode == LAZY_MODE:
-                    rss.extend(r for pid in layer_servers(sb.snapshotter.root)
-                               if (r := suite.process_rss(pid)) is not None)
+                    pids = layer_servers(sb.snapshotter.root)
+                    rss.extend(r for pid in pids if (r := suite.process_rss(pid)) is not None)
+                    # Again once the servers have been quiet for two stats periods (they let go of spans).
+                    time.sleep(REST_SEC)
+                    rest.extend(r for pid in pids if (r := suite.process_rss(pid)) is not None)
 
             try:
                 r = suite.measure(reg, w, mode, refs, state_parent, inspect=inspect)
@@ -309,6 +316,8 @@ def measure_net(reg: LocalRegistry, net: NetProfile, image: SampleImage, res: Re
                 res.servers_per_run.add(len(rss))
                 for v in rss:
                     res.server_rss.add(v)
+                for v in rest:
+                    res.server_rss_rest.add(v)
                 extra = f", {len(rss)} layer server(s) at {', '.join(f'{v / MB:.0f}' for v in rss)} MB RSS"
             progress(f"{head}: pull {r.pull_s:.2f} s + first output {r.ready_s:.2f} s = {r.total_s:.2f} s, "
                      f"{r.bytes_ready / MB:.1f} MB{extra}")
@@ -400,6 +409,9 @@ def markdown(res: Results, nets: list[NetProfile]) -> str:
         f"| RSS per lazy layer server after the run, {len(res.server_rss.values)} server(s) | "
         f"{res.server_rss.fmt(MB, 1)} | <= {TARGET_SERVER_RSS / MB:g} MB | "
         f"{_yes(None if res.server_rss.median is None else res.server_rss.median <= TARGET_SERVER_RSS)} |",
+        f"| ... the same servers {REST_SEC:g} s later, at rest | {res.server_rss_rest.fmt(MB, 1)} | "
+        f"<= {TARGET_SERVER_RSS / MB:g} MB | "
+        f"{_yes(None if res.server_rss_rest.median is None else res.server_rss_rest.median <= TARGET_SERVER_RSS)} |",
     ]
     peaks = Series([float(r.rss_peak) for (_, m), c in res.cells.items() if m == LAZY_MODE
                     for r in c.runs if r.rss_peak])
