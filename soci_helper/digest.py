@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 
 from .errors import DigestError
@@ -23,6 +24,15 @@ def hex_part(digest: str) -> str:
 
 def of_bytes(data: bytes | bytearray | memoryview) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def of_file(path: str | os.PathLike[str]) -> str:
+    """The digest of a whole file, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 class Digester:

@@ -3,6 +3,7 @@ and bad inputs. Real registry, real mount(8), real layer servers."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from support.mounts import (
 )
 from support.registry import LocalRegistry
 
+from soci_helper.fs import server as srv
 from soci_helper.oci.layout import OCILayout
 from soci_helper.sandbox.images import write_image
 
@@ -186,24 +189,32 @@ def _blob_gets(env: dict, layer: str) -> int:
                if e.method == "GET" and layer in e.path and e.status in (200, 206))
 
 
-def test_reading_one_small_file_fetches_at_most_two_spans(env, tmp_path):
-    # A store of its own: the span cache of the other tests must not hide fetches.
+@contextlib.contextmanager
+def _cold_mount(env: dict, tmp_path: Path) -> Iterator[Path]:
+    """The base layer mounted from a store of its own, so the span cache of other tests hides no fetch;
+    unmounted after, its server gone."""
     root = tmp_path / "root"
     soci_cli(root, "create", "--plain-http", "--span-size", str(SMALL_SPAN), "--min-layer-size", "0", env["ref"])
-    layer = env["layers"][0]
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with mount_guard(tmp_path, root):
-        before = _blob_gets(env, layer)
-        r = mount_cmd(_source(env, layer), mnt, f"ro,plain_http,root={root},config={env['config']}")
+        before = _blob_gets(env, env["layers"][0])
+        r = mount_cmd(_source(env, env["layers"][0]), mnt, f"ro,plain_http,root={root},config={env['config']}")
         assert r.returncode == 0, r.stderr
-        assert _blob_gets(env, layer) == before, "mounting must not fetch layer data"
+        assert _blob_gets(env, env["layers"][0]) == before, "mounting must not fetch layer data"
+        yield mnt
+        subprocess.run(["umount", str(mnt)], check=True)
+        assert wait_servers_gone(root)
+
+
+def test_reading_one_small_file_fetches_at_most_two_spans(env, tmp_path):
+    layer = env["layers"][0]
+    with _cold_mount(env, tmp_path) as mnt:
+        before = _blob_gets(env, layer)
         small = next(p for p in sorted(mnt.rglob("*.py")) if 1000 < p.stat().st_size < 8000)
         data = small.read_bytes()
         fetched = _blob_gets(env, layer) - before
         assert 1 <= fetched <= 2, f"{fetched} range requests for one {len(data)}-byte file"
-        subprocess.run(["umount", str(mnt)], check=True)
-        assert wait_servers_gone(root)
 
 
 def test_reading_small_files_in_layer_order_fetches_nothing_past_them(env, tmp_path):
@@ -221,14 +232,8 @@ def test_reading_small_files_in_layer_order_fetches_nothing_past_them(env, tmp_p
         if len(run) >= 4:
             break
     assert len(run) >= 4
-    root = tmp_path / "root"
-    soci_cli(root, "create", "--plain-http", "--span-size", str(SMALL_SPAN), "--min-layer-size", "0", env["ref"])
     layer = env["layers"][0]
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with mount_guard(tmp_path, root):
-        r = mount_cmd(_source(env, layer), mnt, f"ro,plain_http,root={root},config={env['config']}")
-        assert r.returncode == 0, r.stderr
+    with _cold_mount(env, tmp_path) as mnt:
         before = _blob_gets(env, layer)
         with tarfile.open(env["dir"] / "real.tar") as tf:
             for m in run:
@@ -237,8 +242,6 @@ def test_reading_small_files_in_layer_order_fetches_nothing_past_them(env, tmp_p
         # Half a span of the layer holds them all: at most the two spans it can straddle.
         fetched = _blob_gets(env, layer) - before
         assert 1 <= fetched <= 2, f"{fetched} range requests for {len(run)} files within {SMALL_SPAN // 2} bytes"
-        subprocess.run(["umount", str(mnt)], check=True)
-        assert wait_servers_gone(root)
 
 
 def _state_of(root: Path, mnt: Path) -> dict:
@@ -253,6 +256,9 @@ def test_quiet_server_lets_go_of_spans_and_still_reads(env):
     mnt = env["dir"] / "resting"
     _mount(env, env["layers"][0], mnt)
     try:
+        # The kernel's read-ahead on the mount is raised for sequential reads.
+        dev = srv.mountinfo_device(str(mnt))
+        assert Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text().strip() == str(srv.READ_AHEAD_KB)
         files = sorted(p for p in mnt.rglob("*") if p.is_file() and not p.is_symlink())
         first = {p: p.read_bytes() for p in files}
         # Two stats periods of quiet at most: the server drops its in-memory spans and trims the heap.

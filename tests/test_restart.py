@@ -67,6 +67,14 @@ def _sha_prefix(n: int) -> str:
         return hashlib.sha256(f.read(n)).hexdigest()
 
 
+
+def _collect_everything(sb: Any) -> None:
+    """containerd's GC removes every snapshot: no metadata, no mount and no layer server may stay behind."""
+    gc_all(sb)
+    assert wait_for(lambda: backend(sb) == {}), sb.snapshotter.log_tail()
+    assert mounts_below(sb.snapshotter.root) == []
+    assert wait_for(lambda: layer_servers(sb.snapshotter.root) == [], 10)
+
 def test_detached_container_survives_sigkill_and_restart(world: dict[str, Any], tmp_path: Path) -> None:
     with sandbox_with(tmp_path) as sb:
         drv, mp = _pull_and_import(sb, world["img"], tmp_path)
@@ -94,10 +102,7 @@ def test_detached_container_survives_sigkill_and_restart(world: dict[str, Any], 
             ctr_retry(sb, "containers", "rm", "reader")
         finally:
             drv.close()
-        gc_all(sb)
-        assert wait_for(lambda: backend(sb) == {}), sb.snapshotter.log_tail()
-        assert mounts_below(sb.snapshotter.root) == []
-        assert wait_for(lambda: layer_servers(sb.snapshotter.root) == [], 10)
+        _collect_everything(sb)
 
 
 def test_dead_and_gone_mounts_are_mounted_again(world: dict[str, Any], tmp_path: Path) -> None:
@@ -133,7 +138,4 @@ def test_dead_and_gone_mounts_are_mounted_again(world: dict[str, Any], tmp_path:
             consistent(sb)
         finally:
             drv.close()
-        gc_all(sb)
-        assert wait_for(lambda: backend(sb) == {}), sb.snapshotter.log_tail()
-        assert mounts_below(sb.snapshotter.root) == []
-        assert wait_for(lambda: layer_servers(sb.snapshotter.root) == [], 10)
+        _collect_everything(sb)

@@ -60,14 +60,6 @@ DialTimeoutMsec = 1000
 REF_LABEL = "containerd.io/snapshot.ref"
 
 
-def _sha_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
-
-
 def soci(root: Path, *args: str) -> str:
     r = subprocess.run([sys.executable, "-m", "soci_helper.cli.main", "--root", str(root), *args],
                        capture_output=True, text=True, timeout=120)

@@ -160,6 +160,18 @@ def test_read_buffer_is_a_view_inside_a_span_and_joined_across_spans(tmp_path, l
         assert m.read(off, size) == layer["tar"][off:off + size] and type(m.read(off, size)) is bytes
 
 
+def test_released_memory_is_read_back_from_the_disk_cache(tmp_path, layer, blobs):
+    _, off, size = small_file(layer)
+    with manager(layer, tmp_path, blobs.fetch) as m:
+        assert m.read(off, size) == layer["tar"][off:off + size]
+        assert m.in_memory(off, size)
+        m.release_memory()
+        assert not m.in_memory(off, size)
+        hits = m.stats.cache_hits
+        assert m.read(off, size) == layer["tar"][off:off + size]
+        assert m.stats.cache_hits == hits + 1 and m.stats.spans_fetched == 1
+
+
 def test_small_cold_file_fetches_at_most_two_spans_in_one_request(tmp_path, layer, blobs):
     name, off, size = small_file(layer)
     with manager(layer, tmp_path, blobs.fetch) as m:

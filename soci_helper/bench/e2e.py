@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import shutil
@@ -19,6 +18,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import digest as dg
+from ..fs.server import AT_REST_AFTER_SEC as REST_SEC
 from ..fs.server import MODULE as SERVER_MODULE
 from ..oci.layout import OCILayout
 from ..oci.manifest import parse_image_manifest
@@ -46,8 +47,6 @@ TARGET_SPEEDUP = {"loopback": 8.0}
 TARGET_SPEEDUP_SHAPED = 10.0
 TARGET_IDLE_RSS = 80 * MB
 TARGET_SERVER_RSS = 40 * MB
-# Two of a layer server's stats periods: it lets go of spans and freed heap once quiet that long.
-REST_SEC = 5.0
 # Files with other characters would need quoting in the container's script.
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9._/+-]+")
 
@@ -138,14 +137,6 @@ def _pick_probes(regular: list[tuple[str, int]]) -> list[str]:
     return ["/" + small[len(small) // 3], "/" + small[2 * len(small) // 3]]
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_sample_image(work: Path, say: Progress = progress) -> SampleImage:
     """An OCI layout in `work`: a big gzip layer of real files from the machine, then busybox and a script."""
     bb = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.isfile(p)), None)
@@ -186,7 +177,7 @@ def build_sample_image(work: Path, say: Progress = progress) -> SampleImage:
     manifest = parse_image_manifest(OCILayout(layout).read_blob(desc.digest))
     big.unlink()
     small.unlink()
-    expected = [READY] + [f"{_sha256(p)}  {p}" for p in probes]
+    expected = [READY] + [f"{dg.hex_part(dg.of_file(p))}  {p}" for p in probes]
     return SampleImage(layout, used, len(regular), file_bytes, manifest.layers[0].size, manifest.layers[1].size,
                        probes, expected)
 

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..fs.server import AT_REST_AFTER_SEC as REST_SEC
+from ..fs.server import MODULE as SERVER_MODULE
 from ..sandbox.images import write_image
 from ..sandbox.procs import pids_matching
 from ..sandbox.registry import LocalRegistry
@@ -29,11 +31,8 @@ from ..sandbox.signals import UnwindOnSignal
 from .report import to_markdown
 
 REPO = "bench/fs"
-SERVER_MODULE = "soci_helper.fs.server"
 CHUNK = 1 << 20
 BIG_NAME = "data/big.bin"
-# Two of the layer server's stats periods: long enough for its quiet-time trim.
-REST_SEC = 5.0
 TARGETS = {
     "mount": "<= 1 s",
     "rss": "<= 60 MB",

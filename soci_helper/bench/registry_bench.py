@@ -61,11 +61,7 @@ def run(args: argparse.Namespace | list[str] | None = None) -> list[dict[str, st
                 n = min(left, 16 << 20)
                 f.write(os.urandom(n))
                 left -= n
-        d = _digest.Digester()
-        with open(blob, "rb") as f:
-            while chunk := f.read(16 << 20):
-                d.update(chunk)
-        digest = d.digest()
+        digest = _digest.of_file(blob)
         with LocalRegistry(workdir=tmp / "registry") as reg, \
                 RegistryClient(reg.host, RegistryOptions(plain_http=True)) as client:
             client.push_blob(REPO, digest, size, blob)

@@ -26,6 +26,9 @@ log = logging.getLogger("soci.layer-server")
 
 MODULE = "soci_helper.fs.server"  # what `soci mounts` looks for in a server's command line
 STATS_PERIOD_SEC = 2.0
+# A server lets go of spans and freed heap after one whole quiet stats period, so this long after its last
+# read it is surely at rest (the period it went quiet in, the quiet one, and a margin).
+AT_REST_AFTER_SEC = 2 * STATS_PERIOD_SEC + 1.0
 # The kernel's read-ahead on the mount: more FUSE reads in flight keep both cores busy on a sequential read.
 # Measured on 1, 2, 4, 8 and 16 MiB (soci-bench fs reads): 4 MiB was best; beyond it, bigger only added noise.
 READ_AHEAD_KB = 4096
@@ -158,7 +161,7 @@ def _settle_memory() -> None:
         trim(0)
 
 
-def _mountinfo_device(mountpoint: str) -> str | None:
+def mountinfo_device(mountpoint: str) -> str | None:
     """`major:minor` of the FUSE mount at `mountpoint`, read without touching the mount itself."""
     try:
         with open("/proc/self/mountinfo") as f:
@@ -178,7 +181,7 @@ def _mountinfo_device(mountpoint: str) -> str | None:
 
 
 def _raise_read_ahead(mountpoint: str) -> None:
-    dev = _mountinfo_device(mountpoint)
+    dev = mountinfo_device(mountpoint)
     if dev is None:
         log.warning("could not find the mount's device; read-ahead left as is")
         return

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import digest as dg
 from ..oci import mediatype as mt
 from ..oci.layout import OCILayout
 from ..oci.manifest import Descriptor
@@ -56,21 +56,13 @@ def compress_file(tar: Path, compression: str) -> tuple[Path, str]:
     return out, media
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 def write_image(layout_dir: Path, tars: list[Path | tuple[Path, str]], tag: str) -> Descriptor:
     """An image whose layers are `tars`, each gzip-compressed or as (tar, "gzip"|"pigz"|"zstd"|"none")."""
     layout = OCILayout(layout_dir, create=True)
     layers: list[BuiltLayer] = []
     for item in tars:
         tar, compression = item if isinstance(item, tuple) else (item, "gzip")
-        diff_id = _sha256_file(tar)
+        diff_id = dg.of_file(tar)
         blob, media = compress_file(tar, compression)
         desc = layout.write_blob(blob)
         layers.append(BuiltLayer(Descriptor(media_type=media, digest=desc.digest, size=desc.size), diff_id,
