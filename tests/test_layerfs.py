@@ -124,6 +124,19 @@ def test_mod_times_sharing_a_minute_parse_like_the_slow_path():
     assert table.warnings == 1
 
 
+def test_mod_times_are_parsed_when_first_asked_for_and_once():
+    times = ["2023-11-14T22:13:20Z", "2023-02-30T10:00:00Z", "9999-12-31T23:59:59Z", "2023-11-14T22:13:20Z"]
+    warnings: list[str] = []
+    table = InodeTable(_ztoc([_f(f"f{i}", size=0, mod_time=t) for i, t in enumerate(times)]), warnings.append)
+    assert table.warnings == 0  # nothing parsed by the build
+    bad = table.resolve("f1")
+    assert bad.mtime_ns == 0 and table.warnings == 1 and "2023-02-30" in warnings[0]
+    assert table.get(bad.ino).mtime_ns == table.mtime_ns(bad.ino) == 0 and table.warnings == 1  # warned once
+    assert table.resolve("f2").mtime_ns == 2**63 - 1  # past what the kernel's nanoseconds hold: clamped
+    assert table.resolve("f0").mtime_ns == table.resolve("f3").mtime_ns == 1_700_000_000 * 10**9
+    assert table.mtime_id[table.resolve("f0").ino] == table.mtime_id[table.resolve("f3").ino]  # one raw copy
+
+
 # --- real mounts --------------------------------------------------------------------------
 
 

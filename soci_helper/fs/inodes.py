@@ -8,6 +8,7 @@ import re
 import stat
 from array import array
 from collections.abc import Callable, Iterable
+from itertools import accumulate
 
 from ..ztoc import codec
 from ..ztoc.model import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, FileMetadata, Ztoc, parse_mod_time
@@ -27,9 +28,10 @@ _S_IFREG = stat.S_IFREG
 
 _TYPE_BITS = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHAR: stat.S_IFCHR,
               BLOCK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
-# Anything that makes a name need the careful split: a leading `/` or `.`, `//`, `/./`, `..`, a final `/.`,
-# NUL. Everything else (nearly every real name) is split with one rpartition.
-_UNUSUAL = re.compile(rb"\A[/.]|\A\Z|//|/\./|\.\.|/\.\Z|\x00")
+# A name needs the careful split when it is empty, starts with `/` or `.`, or holds `/.` (which covers `/./`,
+# `/..` and a final `/.`), `//` or NUL. Everything else (nearly every real name) is split with one rpartition;
+# three substring tests cost less than one regex search.
+_LEADING = b"/."
 _MAX_CACHED_TIMES = 65536
 _GO_TIME = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d):([0-5]\d)(?:\.(\d{1,9}))?Z").fullmatch
 _MIN_NS, _MAX_NS = -(1 << 63), (1 << 63) - 1
@@ -47,7 +49,7 @@ class Node:
         self.uid = table.uid[ino]
         self.gid = table.gid[ino]
         self.size = table.size[ino]
-        self.mtime_ns = table.mtime[ino]
+        self.mtime_ns = table.mtime_ns(ino)
         self.rdev = table.rdev.get(ino, 0)
         self.nlink = table.nlink[ino]
         self.offset = table.offset[ino]
@@ -133,7 +135,13 @@ class InodeTable:
         self.uid = array("I", (0, 0))
         self.gid = array("I", (0, 0))
         self.size = array("q", (0, 0))
-        self.mtime = array("q", (0, 0))
+        # Modification times stay raw until asked for: parsing 100k distinct times was a sixth of the build,
+        # and a mount is stat'ed in a small part. mtime_id[ino] indexes the distinct raw times; id 0 is none.
+        self.mtime_id = array("I", (0, 0))
+        self._tblob = b""
+        self._tstart = array("I", (0, 0))
+        self._tns = array("q", (0,))
+        self._tdone = bytearray(b"\x01")
         self.offset = array("q", (0, 0))
         self.nlink = array("I", (0, 1))
         self.parent = array("I", (0, ROOT_INO))
@@ -230,28 +238,28 @@ class InodeTable:
             self._kids: dict[int, dict[bytes, int]] = {ROOT_INO: {}}
             # Directory path -> inode, so an entry finds its parent with one lookup instead of a walk.
             self._dir_cache: dict[bytes, int] = {b"": ROOT_INO}
-            self._times: dict[bytes, int] = {}
-            self._minutes: dict[bytes, int] = {}
+            self._time_ids: dict[bytes, int] = {b"": 0}
             self._fill(entries)
             self._freeze()
+            self._freeze_times()
         finally:
-            for name in ("_kids", "_dir_cache", "_times", "_minutes"):
+            for name in ("_kids", "_dir_cache", "_time_ids"):
                 self.__dict__.pop(name, None)
             if collecting:
                 gc.enable()
 
     def _fill(self, entries: Iterable[codec.RawEntry]) -> None:
-        unusual = _UNUSUAL.search
+        leading = _LEADING
         dir_cache = self._dir_cache
         kids = self._kids
-        times = self._times
+        time_ids = self._time_ids
         type_bits = _TYPE_BITS
         modes, uids, gids, sizes, mtimes, offsets, nlinks, parents = (
-            self.mode, self.uid, self.gid, self.size, self.mtime, self.offset, self.nlink, self.parent)
+            self.mode, self.uid, self.gid, self.size, self.mtime_id, self.offset, self.nlink, self.parent)
         archive_end = self.archive_end
         for entry in entries:
             name, typ, off, size, link, mode, uid, gid, mt, dmaj, dmin, pax = entry
-            if unusual(name) is None:
+            if name[:1] not in leading and b"/." not in name and b"//" not in name and b"\0" not in name:
                 d, _, base = name.rstrip(b"/").rpartition(b"/")
                 parent = dir_cache.get(d)
             else:
@@ -307,13 +315,10 @@ class InodeTable:
             # Masks: hostile values must not stop the build (the format's fields are uint32 anyway).
             uids.append(uid & 0xFFFFFFFF)
             gids.append(gid & 0xFFFFFFFF)
-            if mt:
-                ns = times.get(mt)
-                if ns is None:
-                    ns = self._parse_time(name, mt)
-                mtimes.append(ns)
-            else:
-                mtimes.append(0)
+            tid = time_ids.get(mt)
+            if tid is None:
+                tid = time_ids[mt] = len(time_ids)
+            mtimes.append(tid)
             nlinks.append(1)
             parents.append(parent)
             if bits == _S_IFREG:
@@ -340,7 +345,7 @@ class InodeTable:
     def _new(self, mode: int, parent: int) -> int:
         ino = len(self.mode)
         self.mode.append(mode)
-        for col in (self.uid, self.gid, self.size, self.mtime, self.offset):
+        for col in (self.uid, self.gid, self.size, self.mtime_id, self.offset):
             col.append(0)
         self.nlink.append(1)
         self.parent.append(parent)
@@ -379,30 +384,42 @@ class InodeTable:
         if self.nlink[old] <= 0:
             self.total_size -= self.size[old] if self.mode[old] & _S_IFMT == _S_IFREG else 0
 
-    def _parse_time(self, name: bytes, raw: bytes) -> int:
+    def _freeze_times(self) -> None:
+        raws = list(self._time_ids)  # dicts keep insertion order: position = id
+        self._tblob = b"".join(raws)
+        self._tstart = array("I", accumulate(map(len, raws), initial=0))
+        self._tns = array("q", bytes(8 * len(raws)))
+        self._tdone = bytearray(len(raws))
+        self._tdone[0] = 1
+
+    def mtime_ns(self, ino: int) -> int:
+        """The inode's modification time in nanoseconds (0 when the entry had none)."""
+        tid = self.mtime_id[ino]
+        if self._tdone[tid]:
+            return self._tns[tid]
+        ns = self._parse_time(ino, self._tblob[self._tstart[tid]:self._tstart[tid + 1]])
+        self._tns[tid] = ns
+        self._tdone[tid] = 1
+        return ns
+
+    def _parse_time(self, ino: int, raw: bytes) -> int:
         # Fast path for what Go writes (`2023-11-14T22:13:20[.123456789]Z`): the part up to the minute is
-        # cached, since datetime parsing costs more than the rest of building an entry.
+        # cached, since datetime parsing costs more than the rest.
+        minutes: dict[bytes, int] | None = self.__dict__.get("_minutes")
+        if minutes is None:
+            minutes = self._minutes = {}
         ns: int | None = None
-        if len(raw) == 20 and raw[19] == 0x5A and raw[16] == 0x3A:
-            # `...THH:MM:SSZ` with a minute seen before: no regex, no datetime.
-            minute = self._minutes.get(raw[:16])
-            sec = raw[17:19]
-            if minute is not None and sec.isdigit() and sec < b"60":
-                ns = (minute + int(sec)) * 1_000_000_000
-                if len(self._times) < _MAX_CACHED_TIMES:
-                    self._times[raw] = ns
-                return ns
         m = _GO_TIME(raw)
         if m is not None:
-            minute = self._minutes.get(m[1])
+            minute = minutes.get(m[1])
             if minute is None:
                 try:
                     minute = parse_mod_time(m[1].decode("ascii") + ":00Z")[0]
                 except ValueError:
                     minute = None
                 else:
-                    if len(self._minutes) < _MAX_CACHED_TIMES:
-                        self._minutes[m[1]] = minute
+                    if len(minutes) < _MAX_CACHED_TIMES:
+                        minutes[m[1]] = minute
             if minute is not None:
                 frac = m[3]
                 ns = (minute + int(m[2])) * 1_000_000_000 + (int(frac.ljust(9, b"0")) if frac else 0)
@@ -413,13 +430,10 @@ class InodeTable:
                 ns = secs * 1_000_000_000 + nanos
             except ValueError:
                 self.warnings += 1
-                self.warn(f"tar entry {name.decode('utf-8', 'surrogateescape')!r}: bad mod_time {text!r}, using 0")
+                self.warn(f"inode {ino}: bad mod_time {text!r} in the zTOC, using 0")
                 ns = 0
         # Years past 2262 (Go prints up to 9999) do not fit the kernel's signed 64-bit nanoseconds.
-        ns = min(max(ns, _MIN_NS), _MAX_NS)
-        if len(self._times) < _MAX_CACHED_TIMES:
-            self._times[raw] = ns
-        return ns
+        return min(max(ns, _MIN_NS), _MAX_NS)
 
     def _set_xattrs(self, ino: int, pax: dict[str, bytes]) -> None:
         xattrs = None
@@ -443,11 +457,11 @@ class InodeTable:
         self.mode[ino] = type_bits | (mode & _PERM_BITS)
         self.uid[ino] = uid & 0xFFFFFFFF
         self.gid[ino] = gid & 0xFFFFFFFF
-        if mt:
-            ns = self._times.get(mt)
-            self.mtime[ino] = self._parse_time(name, mt) if ns is None else ns
-        else:
-            self.mtime[ino] = 0
+        time_ids = self._time_ids
+        tid = time_ids.get(mt)
+        if tid is None:
+            tid = time_ids[mt] = len(time_ids)
+        self.mtime_id[ino] = tid
         self._set_xattrs(ino, pax)
 
     def _add_whiteout(self, name: bytes, entry: codec.RawEntry, parent: int, hidden: bytes) -> None:
@@ -493,9 +507,7 @@ class InodeTable:
         nlink = self.nlink
         names: list[bytes] = []
         inos = array("I")
-        starts = array("I", (0,))
         order = array("I")
-        pos = 0
         dirs = {}
         # Every directory, and only directories, has an entry in kids: membership is the type test, and
         # map/sum and a C-level sort key keep the per-entry work out of the interpreter.
@@ -511,11 +523,8 @@ class InodeTable:
             hi = len(inos)
             dirs[ino] = (lo, hi)
             order.extend(sorted(range(lo, hi), key=by_name))
-        for name in names:
-            pos += len(name)
-            starts.append(pos)
         self._dblob = b"".join(names)
-        self._dstart = starts
+        self._dstart = array("I", accumulate(map(len, names), initial=0))
         self._dino = inos
         self._dsorted = order
         self._dirs = dirs

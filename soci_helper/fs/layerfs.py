@@ -60,7 +60,7 @@ class LayerFS(pyfuse3.Operations):
         t = self.table
         a = pyfuse3.EntryAttributes()
         mode = t.mode[ino]
-        mtime = t.mtime[ino]
+        mtime = t.mtime_ns(ino)
         size = _BLOCK if mode & _S_IFMT == _S_IFDIR else t.size[ino]
         a.st_ino = ino
         a.generation = 0
