@@ -381,6 +381,11 @@ def test_helper_called_directly_mounts_and_umount_ends_the_server(env):
     try:
         assert (mnt / "etc" / "a").read_text() == "a from top\n"
         assert res.pid in server_pids(env["root"])
+        # The process that built the inode table is reaped after the mount is up, not left as a zombie.
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{res.pid}/task/{res.pid}/children").read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert Path(f"/proc/{res.pid}/task/{res.pid}/children").read_text().split() == []
     finally:
         subprocess.run([sys.executable, "-c", "import subprocess,sys; subprocess.run(['fusermount3','-u',sys.argv[1]],"
                         "check=True)", str(mnt)], check=True)

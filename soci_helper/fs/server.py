@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -229,6 +230,11 @@ def _build_table(store: Any, ztoc_digest: str) -> tuple[Any, Ztoc]:
     return InodeTable.from_bytes(store.read(ztoc_digest), on_warning=_warn)
 
 
+def _reap_quietly(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
 class _TableBuild:
     """The inode table built in a forked child and handed back pickled (arrays and blobs: compact and fast).
 
@@ -291,8 +297,12 @@ class _TableBuild:
                     ok, value = pickle.load(f)
                 except (EOFError, pickle.UnpicklingError) as exc:
                     raise SociError(f"building the inode table failed: the builder died ({exc})") from None
-        finally:
+        except BaseException:
             self._reap()
+            raise
+        # The builder still has to tear down its heap (tens of ms for a big layer): reap it off the mount's path.
+        pid, self.pid = self.pid, -1
+        threading.Thread(target=_reap_quietly, args=(pid,), name="table-reaper", daemon=True).start()
         if not ok:
             raise value
         state, head = value
