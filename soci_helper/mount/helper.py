@@ -270,18 +270,6 @@ def _wait_ready(fd: int, timeout: float) -> str | None:
             return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
 
 
-# glibc reads this only at process start, so it goes into the server's environment: two arenas instead of
-# one per thread (each keeps its own freed heap resident). Nothing else: setting a trim or mmap threshold
-# turns off glibc's adaptive mmap threshold, every read-sized buffer becomes an mmap/munmap pair, and
-# cached reads ran three times slower. A value the caller already set is kept.
-SERVER_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
-
-
-def server_env() -> dict[str, str]:
-    """The layer server's environment: ours plus the allocator settings above."""
-    return {**SERVER_MALLOC_ENV, **os.environ}
-
-
 def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: float) -> MountResult:
     mount_id = secrets.token_hex(6)
     spec = srv.ServerSpec(root=os.path.abspath(req.root), mount_id=mount_id, mountpoint=req.mountpoint,
@@ -299,7 +287,6 @@ def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: f
             first = subprocess.Popen(
                 [sys.executable, "-m", srv.MODULE, "--detach", "--ready-fd", str(w), *spec.to_argv()],
                 stdin=devnull, stdout=logf, stderr=logf, pass_fds=(w,), close_fds=True, cwd="/",
-                env=server_env(),
             )
         os.close(w)
         w = -1
