@@ -393,6 +393,50 @@ def test_helper_called_directly_mounts_and_umount_ends_the_server(env):
     assert json.loads(res.state_file.read_text())["state"] == "exited"
 
 
+def _hostile_ztoc(env: dict, layer: str) -> str:
+    """The layer's zTOC plus an entry that tries to leave the layer, stored under its own digest."""
+    from soci_helper.index.ops import Store
+    from soci_helper.store.content import ContentStore
+    from soci_helper.ztoc import codec
+    from soci_helper.ztoc.model import FileMetadata
+
+    store = Store.open(env["root"])
+    try:
+        digest = next(e.digest for e in store.db.ztocs(layer))
+    finally:
+        store.close()
+    content = ContentStore(env["root"])
+    z = codec.decode(content.read(digest))
+    z.files.append(FileMetadata(name="../escape", type="reg", uncompressed_offset=0, uncompressed_size=0))
+    return content.ingest([codec.encode(z)])
+
+
+@pytest.mark.parametrize("via", ["mount(8)", "library"])
+def test_table_built_before_or_by_the_server_logs_its_warnings(env, via):
+    # mount(8) runs the helper as a process of its own, which starts the table build before the server; the
+    # daemon's in-process calls leave the build to the server. Either way the server logs what was refused.
+    from soci_helper.mount.helper import mount_layer
+
+    layer = env["layers"][0]
+    mnt = env["dir"] / f"hostile-{via[:5]}"
+    mnt.mkdir()
+    opts = _opts(env, f"ztoc={_hostile_ztoc(env, layer)}")
+    if via == "mount(8)":
+        r = mount_cmd(_source(env, layer), mnt, opts)
+        assert r.returncode == 0, r.stderr
+    else:
+        mount_layer(_source(env, layer), mnt, opts, root=str(env["root"]))
+    try:
+        assert not (mnt / "escape").exists() and (mnt / "etc").is_dir()
+        log = srv.log_path(env["root"], _state_of(env["root"], mnt)["id"]).read_text()
+        assert "refused tar entry '../escape'" in log
+        assert ("table built by the mount helper's child" if via == "mount(8)" else "table built in a child") in log
+        # The builder the helper started is reaped by the helper, not left behind.
+        assert not subprocess.run(["pgrep", "-f", "mount.fuse.soci"], capture_output=True).stdout
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 def test_corrupt_spans_and_outages_give_eio_then_reads_recover(env, tmp_path):
     import errno
 

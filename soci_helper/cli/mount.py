@@ -19,7 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..mount.helper import mount, parse_argv
 
         req = parse_argv(args)
-        result = mount(req)
+        # This process has no threads: the table builder can be forked from it, before the server starts.
+        result = mount(req, prebuild=True)
         if req.verbose and result is not None:
             print(f"{PROG}: mounted {req.source} at {req.mountpoint} (server pid {result.pid}, id {result.mount_id})")
         return 0

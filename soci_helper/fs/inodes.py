@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from itertools import accumulate
 
 from ..ztoc import codec
+from ..ztoc.forked import decode_raw_forked as forked_decode_raw
 from ..ztoc.model import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, FileMetadata, Ztoc, parse_mod_time
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,13 @@ class InodeTable:
         self._build(_entries_of(ztoc.files))
 
     @classmethod
-    def from_bytes(cls, data: bytes, on_warning: Callable[[str], None] | None = None) -> tuple[InodeTable, Ztoc]:
+    def from_bytes(cls, data: bytes, on_warning: Callable[[str], None] | None = None, *,
+                   forked: bool = False) -> tuple[InodeTable, Ztoc]:
         """(table, zTOC without its entries) straight from a zTOC flatbuffer: no FileMetadata objects.
 
-        Raises ZtocError like codec.decode() for a malformed or inconsistent buffer."""
-        head, entries = codec.decode_raw(data)
+        forked: decode the entries in a forked child while this process builds (a second core; only from a
+        single-threaded process). Raises ZtocError like codec.decode() for a malformed or inconsistent buffer."""
+        head, entries = forked_decode_raw(data) if forked else codec.decode_raw(data)
         table = cls.__new__(cls)
         table._start(head.uncompressed_archive_size, on_warning)
         try:

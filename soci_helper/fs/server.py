@@ -222,12 +222,13 @@ def _warn(msg: str) -> None:
     log.warning("%s", msg)
 
 
-def _build_table(store: Any, ztoc_digest: str) -> tuple[Any, Ztoc]:
+def _build_table(store: Any, ztoc_digest: str, on_warning: Callable[[str], None] = _warn) -> tuple[Any, Ztoc]:
     from .inodes import InodeTable
 
     # Straight from the flatbuffer into the table's arrays: no per-entry objects survive the build, and
-    # the zTOC keeps only what spans need (its compression info).
-    return InodeTable.from_bytes(store.read(ztoc_digest), on_warning=_warn)
+    # the zTOC keeps only what spans need (its compression info). Forked decoding: every caller is a
+    # single-threaded process (a builder child, or a server before it starts any thread).
+    return InodeTable.from_bytes(store.read(ztoc_digest), on_warning=on_warning, forked=True)
 
 
 def _reap_quietly(pid: int) -> None:
@@ -236,55 +237,28 @@ def _reap_quietly(pid: int) -> None:
 
 
 class _TableBuild:
-    """The inode table built in a forked child and handed back pickled (arrays and blobs: compact and fast).
+    """The inode table built in a forked child and handed back pickled (arrays and blobs: compact and fast),
+    with the warnings of the build, which the server logs.
 
-    Falls back to building in this process when forking fails."""
+    The child is the server's own, or one the mount helper started before the server (prebuild_table), whose
+    pipe the server adopts. Falls back to building in this process when forking fails."""
 
-    def __init__(self, pid: int, rfd: int, store: Any, ztoc_digest: str) -> None:
-        self.pid, self.rfd, self.store, self.ztoc_digest = pid, rfd, store, ztoc_digest
-        self.where = "in a child" if pid > 0 else "in process"
+    def __init__(self, pid: int, rfd: int, store: Any, ztoc_digest: str, where: str) -> None:
+        self.pid, self.rfd, self.store, self.ztoc_digest, self.where = pid, rfd, store, ztoc_digest, where
 
     @classmethod
     def start(cls, store: Any, ztoc_digest: str) -> _TableBuild:
-        try:
-            r, w = os.pipe()
-        except OSError:
-            return cls(0, -1, store, ztoc_digest)
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(r)
-            os.close(w)
-            return cls(0, -1, store, ztoc_digest)
-        if pid == 0:  # the child: build, send, and leave without running any of the parent's exit handlers
-            code = 1
-            try:
-                os.close(r)
-                cls._child(w, store, ztoc_digest)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        return cls(pid, r, store, ztoc_digest)
+        forked = _fork_builder(store, ztoc_digest)
+        if forked is None:
+            return cls(-1, -1, store, ztoc_digest, "in process")
+        return cls(*forked, store, ztoc_digest, "in a child")
 
-    @staticmethod
-    def _child(w: int, store: Any, ztoc_digest: str) -> None:
-        import pickle
-
-        try:
-            table, head = _build_table(store, ztoc_digest)
-            state = {k: v for k, v in table.__dict__.items() if k != "warn"}
-            payload = pickle.dumps((True, (state, head)), protocol=pickle.HIGHEST_PROTOCOL)
-        except BaseException as exc:  # noqa: BLE001 - the parent raises it as if it had built the table itself
-            try:
-                payload = pickle.dumps((False, exc), protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the parent
-                payload = pickle.dumps((False, SociError(f"{type(exc).__name__}: {exc}")))
-        with os.fdopen(w, "wb") as f:
-            f.write(payload)
+    @classmethod
+    def adopt(cls, rfd: int, store: Any, ztoc_digest: str) -> _TableBuild:
+        return cls(-1, rfd, store, ztoc_digest, "by the mount helper's child")
 
     def result(self) -> tuple[Any, Ztoc]:
-        if self.pid <= 0:
+        if self.rfd < 0:
             return _build_table(self.store, self.ztoc_digest)
         import pickle
 
@@ -294,15 +268,18 @@ class _TableBuild:
             with os.fdopen(self.rfd, "rb") as f:
                 self.rfd = -1
                 try:
-                    ok, value = pickle.load(f)
-                except (EOFError, pickle.UnpicklingError) as exc:
+                    ok, value, warnings = pickle.load(f)
+                except (EOFError, pickle.UnpicklingError, ValueError) as exc:
                     raise SociError(f"building the inode table failed: the builder died ({exc})") from None
         except BaseException:
             self._reap()
             raise
-        # The builder still has to tear down its heap (tens of ms for a big layer): reap it off the mount's path.
-        pid, self.pid = self.pid, -1
-        threading.Thread(target=_reap_quietly, args=(pid,), name="table-reaper", daemon=True).start()
+        if self.pid > 0:
+            # The builder still tears down its heap (tens of ms for a big layer): reap it off the mount's path.
+            pid, self.pid = self.pid, -1
+            threading.Thread(target=_reap_quietly, args=(pid,), name="table-reaper", daemon=True).start()
+        for msg in warnings:
+            _warn(msg)
         if not ok:
             raise value
         state, head = value
@@ -313,30 +290,77 @@ class _TableBuild:
 
     def abandon(self) -> None:
         if self.pid > 0:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._reap()
+        self._reap()
 
     def _reap(self) -> None:
         if self.rfd >= 0:
             os.close(self.rfd)
             self.rfd = -1
         if self.pid > 0:
-            try:
-                os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                pass
+            _reap_quietly(self.pid)
             self.pid = -1
+
+
+def _fork_builder(store: Any, ztoc_digest: str) -> tuple[int, int] | None:
+    """(child pid, read end of its pipe), or None when no child could be made."""
+    try:
+        r, w = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return None
+    if pid == 0:  # leave without running any of the parent's exit handlers
+        code = 1
+        try:
+            os.close(r)
+            _send_table(w, store, ztoc_digest)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def _send_table(w: int, store: Any, ztoc_digest: str) -> None:
+    import pickle
+
+    warnings: list[str] = []
+    try:
+        table, head = _build_table(store, ztoc_digest, warnings.append)
+        state = {k: v for k, v in table.__dict__.items() if k != "warn"}
+        payload = pickle.dumps((True, (state, head), warnings), protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException as exc:  # noqa: BLE001 - the server raises it as if it had built the table itself
+        try:
+            payload = pickle.dumps((False, exc, warnings), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the server
+            payload = pickle.dumps((False, SociError(f"{type(exc).__name__}: {exc}"), warnings))
+    with os.fdopen(w, "wb") as f:
+        f.write(payload)
+
+
+def prebuild_table(root: str, ztoc_digest: str) -> tuple[int, int] | None:
+    """Start building a layer's inode table before its server exists: (builder pid, read end of the pipe that
+    will carry the table: pass it to the server as --table-fd), or None if no builder could be started.
+
+    Only from a single-threaded process (the mount helper): the builder is a fork, the caller's child."""
+    from ..store.content import ContentStore
+
+    return _fork_builder(ContentStore(root), ztoc_digest)
 
 
 class LayerServer:
     """Loads the zTOC, mounts, reports readiness, serves, and keeps its state file current."""
 
-    def __init__(self, spec: ServerSpec, ready_fd: int | None = None) -> None:
+    def __init__(self, spec: ServerSpec, ready_fd: int | None = None, table_fd: int | None = None) -> None:
         self.spec = spec
         self.ready_fd = ready_fd
+        self.table_fd = table_fd  # a table being built by the mount helper's child, to read instead of building
         self.started_at = _now()
         self.state = "starting"
         self.reader: Any = None
@@ -399,7 +423,11 @@ class LayerServer:
         # The table builds in a child while this process imports FUSE and the registry client and checks
         # the blob: the two overlap on a second core, and the build's transient objects never fragment
         # this long-lived process's heap.
-        build = _TableBuild.start(store, self.spec.ztoc_digest)
+        if self.table_fd is not None:
+            fd, self.table_fd = self.table_fd, None
+            build = _TableBuild.adopt(fd, store, self.spec.ztoc_digest)
+        else:
+            build = _TableBuild.start(store, self.spec.ztoc_digest)
         import pyfuse3
 
         from .layerfs import LayerFS
@@ -542,7 +570,7 @@ class LayerServer:
 # --- process entry ----------------------------------------------------------------
 
 
-def _parse(argv: Sequence[str]) -> tuple[ServerSpec, int | None, bool]:
+def _parse(argv: Sequence[str]) -> tuple[ServerSpec, int | None, int | None, bool]:
     p = argparse.ArgumentParser(prog="soci-layer-server", description="Serve one lazily fetched layer over FUSE.")
     p.add_argument("--root", required=True)
     p.add_argument("--id", required=True, dest="mount_id")
@@ -556,6 +584,7 @@ def _parse(argv: Sequence[str]) -> tuple[ServerSpec, int | None, bool]:
     p.add_argument("--config")
     p.add_argument("--option", action="append", default=[])
     p.add_argument("--ready-fd", type=int)
+    p.add_argument("--table-fd", type=int, help="read the inode table from this pipe instead of building it")
     p.add_argument("--detach", action="store_true", help="fork into a new session and return at once")
     p.add_argument("mountpoint")
     a = p.parse_args(argv)
@@ -563,7 +592,7 @@ def _parse(argv: Sequence[str]) -> tuple[ServerSpec, int | None, bool]:
                       host=a.host, repository=a.repository, layer_digest=a.layer, ztoc_digest=a.ztoc,
                       image_ref=a.image_ref, plain_http=a.plain_http, config_path=a.config,
                       extra_options=tuple(a.option))
-    return spec, a.ready_fd, a.detach
+    return spec, a.ready_fd, a.table_fd, a.detach
 
 
 def _setup_logging(spec: ServerSpec) -> None:
@@ -578,7 +607,7 @@ def _setup_logging(spec: ServerSpec) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    spec, ready_fd, detach = _parse(sys.argv[1:] if argv is None else argv)
+    spec, ready_fd, table_fd, detach = _parse(sys.argv[1:] if argv is None else argv)
     if detach:
         # Second fork: the helper reaps the first child at once; the server is then nobody's child but
         # init's, in its own session, so the helper (or the daemon) exiting never takes it down.
@@ -592,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_spans()
     _setup_logging(spec)
     log.info("starting (pid %d) for %s at %s", os.getpid(), spec.source, spec.mountpoint)
-    return LayerServer(spec, ready_fd).run()
+    return LayerServer(spec, ready_fd, table_fd).run()
 
 
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/var/lib/soci-snapshotter-grpc"
 FUSE_TYPE = "fuse.soci"
+# After a mount succeeds, how long the helper waits for the table builder it started to finish exiting (it has
+# sent the table by then; the rest is the kernel freeing its memory). A slower one is left to init.
+BUILDER_EXIT_WAIT = 0.2
 # Options mount(8) itself understands or adds; they mean nothing to a layer server.
 _IGNORED = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev",
                       "nofail", "loud", "silent", "async", "sync", "rw"})
@@ -270,7 +274,25 @@ def _wait_ready(fd: int, timeout: float) -> str | None:
             return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
 
 
-def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: float) -> MountResult:
+def _reap_builder(pid: int, kill: bool) -> None:
+    """Reap the table builder: after a success it is exiting (its table is sent), so wait briefly and leave
+    a slow one to init; after a failure it is of no use."""
+    if kill:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + (10.0 if kill else BUILDER_EXIT_WAIT)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+
+def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: float,
+                 table: tuple[int, int] | None = None) -> MountResult:
+    """Start the detached layer server and wait for its answer.
+
+    table: (pid, pipe) of a table builder started by prebuild_table; the pipe goes to the server, the builder
+    is reaped here."""
+    table_fd = table[1] if table is not None else None
     mount_id = secrets.token_hex(6)
     spec = srv.ServerSpec(root=os.path.abspath(req.root), mount_id=mount_id, mountpoint=req.mountpoint,
                           source=req.source, host=req.reference.registry, repository=req.reference.repository,
@@ -282,12 +304,18 @@ def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: f
     state_file, log_file = srv.state_path(spec.root, mount_id), srv.log_path(spec.root, mount_id)
     before = soci_mounts_at(req.mountpoint)
     r, w = os.pipe()
+    table_args = ["--table-fd", str(table_fd)] if table_fd is not None else []
+    answer: str | None = None
     try:
         with open(log_file, "ab") as logf, open(os.devnull, "rb") as devnull:
             first = subprocess.Popen(
-                [sys.executable, "-m", srv.MODULE, "--detach", "--ready-fd", str(w), *spec.to_argv()],
-                stdin=devnull, stdout=logf, stderr=logf, pass_fds=(w,), close_fds=True, cwd="/",
+                [sys.executable, "-m", srv.MODULE, "--detach", "--ready-fd", str(w), *table_args, *spec.to_argv()],
+                stdin=devnull, stdout=logf, stderr=logf, close_fds=True, cwd="/",
+                pass_fds=(w,) if table_fd is None else (w, table_fd),
             )
+        if table_fd is not None:
+            os.close(table_fd)  # the server has it now; the builder must see only one reader
+            table_fd = None
         os.close(w)
         w = -1
         first.wait()  # the intermediate child exits right after forking the server
@@ -296,6 +324,10 @@ def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: f
         os.close(r)
         if w >= 0:
             os.close(w)
+        if table_fd is not None:
+            os.close(table_fd)
+        if table is not None:
+            _reap_builder(table[0], kill=answer != "ok")
     if answer == "ok":
         doc = srv.read_state(state_file) or {}
         pid = doc.get("pid") if isinstance(doc.get("pid"), int) else None
@@ -314,15 +346,19 @@ def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: f
     raise MountError(f"cannot mount {req.source} at {req.mountpoint}: {why} (log: {log_file})")
 
 
-def mount(req: MountRequest) -> MountResult | None:
-    """Mount one layer; returns once the mount answers. Raises MountError (one line) on any failure."""
+def mount(req: MountRequest, prebuild: bool = False) -> MountResult | None:
+    """Mount one layer; returns once the mount answers. Raises MountError (one line) on any failure.
+
+    prebuild: start building the inode table while the server starts (a fork: single-threaded callers only).
+    It saves the server's start-up, about 0.1 s, on a mount of a big layer."""
     if not os.path.isdir(req.mountpoint):
         raise MountError(f"mount point {req.mountpoint} does not exist or is not a directory")
     cfg = config_mod.load(req.config_path) if req.config_path else config_mod.load()
     ztoc_digest, image_ref = find_ztoc(req)
     if req.fake:
         return None
-    return start_server(req, ztoc_digest, image_ref, float(cfg.mount_timeout_sec))
+    table = srv.prebuild_table(os.path.abspath(req.root), ztoc_digest) if prebuild else None
+    return start_server(req, ztoc_digest, image_ref, float(cfg.mount_timeout_sec), table)
 
 
 def mount_layer(source: str, mountpoint: str | os.PathLike[str], options: str = "ro", *,

@@ -1,0 +1,78 @@
+"""decode_raw_forked against decode_raw: the same entries, the same errors, and no child process left over."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_codec import make_ztoc
+
+from soci_helper.errors import ZtocError
+from soci_helper.fs.inodes import InodeTable
+from soci_helper.ztoc import codec
+from soci_helper.ztoc.forked import BATCH_ENTRIES, decode_raw_forked
+from soci_helper.ztoc.model import Ztoc
+
+
+def _children() -> list[str]:
+    pid = os.getpid()
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+def _many(count: int = 3 * BATCH_ENTRIES + 17) -> Ztoc:
+    return make_ztoc(count=count, seed=3)
+
+
+def test_same_entries_as_decode_raw_across_batches():
+    data = codec.encode(_many())
+    head, serial = codec.decode_raw(data)
+    fhead, forked = decode_raw_forked(data)
+    assert fhead == head
+    assert list(forked) == list(serial)
+    assert _children() == []
+
+
+def test_an_entry_error_after_some_batches_is_the_same_error():
+    z = _many()
+    z.files[-1].uncompressed_size = z.uncompressed_archive_size  # the last entry runs past the archive
+    data = codec.encode(z)
+    with pytest.raises(ZtocError) as serial:
+        list(codec.decode_raw(data)[1])
+    got = []
+    with pytest.raises(ZtocError) as forked:
+        got.extend(decode_raw_forked(data)[1])
+    assert str(forked.value) == str(serial.value) and "outside the archive" in str(forked.value)
+    assert len(got) == len(z.files) - 1  # everything before the bad entry was delivered
+    assert _children() == []
+
+
+def test_unordered_entries_are_reported_at_the_end_and_the_table_falls_back():
+    z = _many(BATCH_ENTRIES + 5)
+    z.files.reverse()
+    data = codec.encode(z)
+    got = []
+    with pytest.raises(codec.UnorderedEntries):
+        got.extend(decode_raw_forked(data)[1])
+    assert len(got) == len(z.files)
+    forked, _ = InodeTable.from_bytes(data, forked=True)
+    serial, _ = InodeTable.from_bytes(data)
+    assert forked.listing(1) == serial.listing(1) and len(forked) == len(serial)
+    assert _children() == []
+
+
+def test_forked_table_equals_the_serial_one():
+    data = codec.encode(_many())
+    forked, fhead = InodeTable.from_bytes(data, forked=True)
+    serial, shead = InodeTable.from_bytes(data)
+    keep = [k for k in serial.__dict__ if k not in ("warn", "_views")]
+    assert {k: forked.__dict__[k] for k in keep} == {k: serial.__dict__[k] for k in keep}
+    assert fhead == shead
+
+
+def test_a_consumer_that_stops_early_leaves_no_child():
+    data = codec.encode(_many())
+    _, entries = decode_raw_forked(data)
+    assert next(entries)[0]
+    entries.close()  # type: ignore[attr-defined]
+    assert _children() == []
