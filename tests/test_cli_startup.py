@@ -80,3 +80,5 @@ def test_mount_helper_finding_a_local_ztoc_imports_no_registry_client(tmp_path: 
     assert doc["code"] != 0 and "no zTOC for layer" in r.stderr
     assert "soci_helper.store.artifacts" in doc["modules"]  # the store was opened and searched
     assert not {"requests", "urllib3", "soci_helper.oci.registry"} & set(doc["modules"])
+    # Nor what only writers and builders need: every mount pays for its imports before the table build starts.
+    assert not {"filelock", "secrets", "soci_helper.ztoc.reader"} & set(doc["modules"])

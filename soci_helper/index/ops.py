@@ -13,13 +13,13 @@ from ..store.artifacts import TYPE_INDEX, TYPE_ZTOC, ArtifactEntry, ArtifactsDB
 from ..store.content import ContentStore
 from ..ztoc import codec
 from ..ztoc.model import Ztoc
-from ..ztoc.reader import Fetch
 from . import soci_index as si
 
 if TYPE_CHECKING:
-    # The registry client (requests) is only needed to read a remote layer; the mount helper opens the store
-    # on every mount and should not pay for importing it.
+    # The registry client (requests) is only needed to read a remote layer, the zTOC reader only to build
+    # one; the mount helper opens the store on every mount and should not pay for importing them.
     from ..oci.source import SourceOptions
+    from ..ztoc.reader import Fetch
 
 log = logging.getLogger(__name__)
 

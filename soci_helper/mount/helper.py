@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import select
 import signal
 import subprocess
@@ -293,7 +292,7 @@ def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: f
     table: (pid, pipe) of a table builder started by prebuild_table; the pipe goes to the server, the builder
     is reaped here."""
     table_fd = table[1] if table is not None else None
-    mount_id = secrets.token_hex(6)
+    mount_id = os.urandom(6).hex()
     spec = srv.ServerSpec(root=os.path.abspath(req.root), mount_id=mount_id, mountpoint=req.mountpoint,
                           source=req.source, host=req.reference.registry, repository=req.reference.repository,
                           layer_digest=req.layer_digest, ztoc_digest=ztoc_digest, image_ref=image_ref,

@@ -10,11 +10,13 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-from filelock import FileLock
+from typing import TYPE_CHECKING
 
 from .. import digest as dg
 from ..errors import DigestError, NotFound, StoreError
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class ContentStore:
 
     def lock(self, name: str, timeout: float = 600.0) -> FileLock:
         """A named inter-process lock; digests name the blob they guard."""
+        # Imported here: opening the store to look something up (the mount helper's path) takes no locks.
+        from filelock import FileLock
+
         safe = name.replace(":", "-").replace("/", "_")
         return FileLock(str(self.locks_dir / f"{safe}.lock"), timeout=timeout)
 
