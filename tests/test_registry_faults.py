@@ -131,6 +131,45 @@ def test_404_is_not_retried(proxy: FaultProxy) -> None:
     assert len([p for _, p, _ in proxy.seen if "/blobs/" in p]) == 1
 
 
+def _chunked_client(px: FaultProxy) -> RegistryClient:
+    return RegistryClient(px.host, RegistryOptions(
+        plain_http=True, timeout=(2.0, 5.0), upload_chunk_size=256 << 10,
+        retry=RetryPolicy(max_retries=4, min_wait=0.01, max_wait=0.2)))
+
+
+def _requests(px: FaultProxy, method: str, part: str = "/blobs/uploads/") -> int:
+    return len([1 for m, p, _ in px.seen if m == method and part in p])
+
+
+@pytest.mark.parametrize("fault", ["status", "reset"])
+def test_chunked_upload_resumes_where_the_registry_stands(proxy: FaultProxy, tmp_path, fault: str) -> None:
+    # Three chunks; the second one fails in transit. The client asks the session how much it holds and goes
+    # on from there: one upload session, one status query, the failed chunk sent again, nothing else.
+    data = os.urandom(700_000)
+    d = digest.of_bytes(data)
+    src = tmp_path / "blob"
+    src.write_bytes(data)
+    proxy.add(fault, status=500, method="PATCH", nth=2)
+    with _chunked_client(proxy) as c:
+        assert c.push_blob(f"faults/resume-{fault}", d, len(data), src, chunked=True) is True
+        assert c.get_blob(f"faults/resume-{fault}", d, len(data)) == data
+    assert _requests(proxy, "POST") == 1
+    assert _requests(proxy, "PATCH") == 4
+    assert _requests(proxy, "GET") == 1
+
+
+def test_chunked_upload_starts_over_when_the_session_is_gone(proxy: FaultProxy) -> None:
+    data = os.urandom(700_000)
+    d = digest.of_bytes(data)
+    proxy.add("status", status=500, method="PATCH", nth=2)
+    proxy.add("status", status=404, method="GET", path="/blobs/uploads/")
+    with _chunked_client(proxy) as c:
+        assert c.push_blob("faults/restart", d, len(data), data, chunked=True) is True
+        assert c.get_blob("faults/restart", d, len(data)) == data
+    assert _requests(proxy, "POST") == 2  # a fresh session after the status query failed
+    assert _requests(proxy, "PATCH") == 2 + 3
+
+
 def test_upload_survives_faults(proxy: FaultProxy) -> None:
     data = os.urandom(700_000)
     d = digest.of_bytes(data)

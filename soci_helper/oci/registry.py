@@ -86,6 +86,12 @@ _TRANSFER_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, Con
                     TimeoutError)
 
 
+class _Restart(RegistryError):
+    """An upload session that cannot go on (lost offset, gone): the whole upload starts over; internal."""
+
+    retry_after: float | None = None
+
+
 class _Transient(RegistryError):
     """A failure worth retrying (connection, timeout, truncation, 5xx, 429); internal."""
 
@@ -133,6 +139,8 @@ class _HeaderAuth(requests.auth.AuthBase):
 
 _CHALLENGE_RE = re.compile(r'([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+# An upload session's status: `Range: 0-LAST` (the spec's form; some registries prefix `bytes=`).
+_UPLOAD_RANGE_RE = re.compile(r"(?:bytes=)?0-(\d+)")
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -485,7 +493,7 @@ class RegistryClient:
         while True:
             try:
                 return fn()
-            except _Transient as e:
+            except (_Transient, _Restart) as e:
                 if attempt >= self.opts.retry.max_retries:
                     raise self._gave_up(e, attempt + 1) from None
                 self._sleep(attempt, e.retry_after, str(e))
@@ -885,31 +893,67 @@ class RegistryClient:
 
     def _patch_chunks(self, location: str, scope: str, data: bytes | str | Path, size: int,
                       what: str) -> str:
-        """Send the blob in PATCH requests with Content-Range; the Location to PUT to at the end."""
+        """Send the blob in PATCH requests with Content-Range; the Location to PUT to at the end.
+
+        A chunk that fails in transit (connection, timeout, 5xx) is not the end of the upload: the registry is
+        asked how many bytes its session holds (GET on the upload URL) and the upload goes on from there."""
         step = max(1, self.opts.upload_chunk_size)
         f: IO[bytes] | None = open(data, "rb") if isinstance(data, (str, Path)) else None  # noqa: SIM115
         try:
             sent = 0
+            resumes = 0
             while sent < size:
                 n = min(step, size - sent)
+                if f is not None:
+                    f.seek(sent)
                 chunk = f.read(n) if f is not None else bytes(memoryview(data)[sent:sent + n])  # type: ignore[arg-type]
                 if len(chunk) != n:
                     raise RegistryError(f"{what}: source has fewer than {size} bytes")
-                r = self._request("PATCH", location, scope=scope, what=what, data=chunk, retry=False,
-                                  headers={"Content-Type": "application/octet-stream",
-                                           "Content-Range": f"{sent}-{sent + n - 1}",
-                                           "Content-Length": str(n)})
-                r.close()
-                if r.status_code != 202:
-                    err = self._error(r, what)
-                    # 416: the registry lost track of our offset; only a fresh upload helps.
-                    raise _Transient(str(err)) if r.status_code == 416 else err
+                try:
+                    r = self._request("PATCH", location, scope=scope, what=what, data=chunk, retry=False,
+                                      headers={"Content-Type": "application/octet-stream",
+                                               "Content-Range": f"{sent}-{sent + n - 1}",
+                                               "Content-Length": str(n)})
+                    r.close()
+                    if r.status_code == 416:
+                        # The registry lost track of our offset; only a fresh upload helps.
+                        raise _Restart(str(self._error(r, what)))
+                    if r.status_code != 202:
+                        raise self._error(r, what)
+                except _Transient as exc:
+                    if resumes >= self.opts.retry.max_retries:
+                        raise
+                    self._sleep(resumes, exc.retry_after, f"{exc}; resuming the upload where the registry stands")
+                    resumes += 1
+                    location, sent = self._upload_status(location, scope, what, size)
+                    continue
                 location = self._location(r, what)
                 sent += n
             return location
         finally:
             if f is not None:
                 f.close()
+
+    def _upload_status(self, location: str, scope: str, what: str, size: int) -> tuple[str, int]:
+        """(Location, bytes held) of an upload session, from its status (204 with `Range: 0-LAST`).
+
+        Raises _Restart when the session is gone or its answer does not make sense: the upload starts over."""
+        try:
+            r = self._request("GET", location, scope=scope, what=what, retry=False)
+        except _Transient as exc:
+            raise _Restart(str(exc)) from None
+        r.close()
+        m = _UPLOAD_RANGE_RE.fullmatch(r.headers.get("Range", "").strip())
+        if r.status_code != 204 or m is None or int(m.group(1)) >= size:
+            raise _Restart(f"registry {self.display}: {what}: upload status HTTP {r.status_code} "
+                           f"(Range {r.headers.get('Range', '')!r}); starting over")
+        last = int(m.group(1))
+        # `0-0` is also the answer for an empty session: take it as empty (were one byte held, the next PATCH
+        # gets a 416 and the upload starts over).
+        held = last + 1 if last > 0 else 0
+        log.info("registry %s: %s: the upload session holds %d of %d bytes; resuming", self.display, what,
+                 held, size)
+        return self._location(r, what), held
 
     def put_manifest(self, repo: str, ref: str, data: bytes, media_type: str) -> Descriptor:
         """PUT a manifest under a tag or its digest; return its descriptor."""
