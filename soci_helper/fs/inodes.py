@@ -145,6 +145,7 @@ class InodeTable:
         self._tstart = array("I", (0, 0))
         self._tns = array("q", (0,))
         self._tdone = bytearray(b"\x01")
+        self._minutes: dict[bytes, int] = {}  # minute prefix -> seconds, for parsing times that share it
         self.offset = array("q", (0, 0))
         self.nlink = array("I", (0, 1))
         self.parent = array("I", (0, ROOT_INO))
@@ -408,9 +409,7 @@ class InodeTable:
     def _parse_time(self, ino: int, raw: bytes) -> int:
         # Fast path for what Go writes (`2023-11-14T22:13:20[.123456789]Z`): the part up to the minute is
         # cached, since datetime parsing costs more than the rest.
-        minutes: dict[bytes, int] | None = self.__dict__.get("_minutes")
-        if minutes is None:
-            minutes = self._minutes = {}
+        minutes = self._minutes
         ns: int | None = None
         m = _GO_TIME(raw)
         if m is not None:

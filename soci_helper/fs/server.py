@@ -164,7 +164,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def keep_freed_spans() -> bool:
     """Let malloc reuse freed span buffers instead of returning each to the kernel (see MALLOC_KEEP).
 
-    False if this libc has no mallopt or refused a value (glibc caps the mmap threshold at 32 MiB)."""
+    False if this libc has no mallopt or refused one of the values."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False

@@ -944,10 +944,10 @@ class RegistryClient:
             raise _Restart(str(exc)) from None
         r.close()
         m = _UPLOAD_RANGE_RE.fullmatch(r.headers.get("Range", "").strip())
-        if r.status_code != 204 or m is None or int(m.group(1)) >= size:
+        last = int(m.group(1)) if m is not None else size
+        if r.status_code != 204 or last >= size:
             raise _Restart(f"registry {self.display}: {what}: upload status HTTP {r.status_code} "
                            f"(Range {r.headers.get('Range', '')!r}); starting over")
-        last = int(m.group(1))
         # `0-0` is also the answer for an empty session: take it as empty (were one byte held, the next PATCH
         # gets a 416 and the upload starts over).
         held = last + 1 if last > 0 else 0
