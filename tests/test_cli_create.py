@@ -66,8 +66,9 @@ def pushed(registry, image):
     return registry.push_oci_layout(image["layout"], "test/app:v1", tag="v1")
 
 
-def _create(root: Path, ref: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return soci(root, "create", "--plain-http", "--span-size", str(SPAN), "--min-layer-size", str(MIN), *extra, ref)
+def _create(root: Path, ref: str, *extra: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    return soci(root, "create", "--plain-http", "--span-size", str(SPAN), "--min-layer-size", str(MIN), *extra, ref,
+                ok=ok)
 
 
 def test_create_from_registry_builds_v1_index_as_upstream_lays_it_out(tmp_path, pushed, image):
@@ -158,6 +159,34 @@ def test_existing_ztoc_is_reused_unless_forced(tmp_path, pushed):
     assert sorted(ln.split()[4] for ln in first.splitlines() if "-> ztoc sha256" in ln) == sorted(
         ln.split()[4] for ln in forced.splitlines() if "-> ztoc sha256" in ln
     )
+
+
+def _ztoc_lines(out: str) -> dict[str, str]:
+    return {ln.split()[1]: ln.split()[4] for ln in out.splitlines() if "-> ztoc sha256" in ln}
+
+
+def test_head_span_layout_is_built_and_reused_apart_from_upstreams(tmp_path, pushed, image, layers):
+    # The pigz edge layer holds a file of over a span; the real-files layer has none, so its zTOC is the same.
+    edge_gz = image["manifest"]["layers"][1]["digest"]
+    plain = _create(tmp_path, pushed).stdout
+    heads = _create(tmp_path, pushed, "--head-span", "65536").stdout
+    assert _ztoc_lines(heads)[edge_gz] != _ztoc_lines(plain)[edge_gz]
+    assert f"{edge_gz} -> ztoc {_ztoc_lines(heads)[edge_gz]} (existing)" not in heads
+    # Each layout is found again in the store, not rebuilt and not mistaken for the other.
+    for extra, want in ((("--head-span", "65536"), heads), ((), plain)):
+        again = _create(tmp_path, pushed, *extra).stdout
+        assert f"{edge_gz} -> ztoc {_ztoc_lines(want)[edge_gz]} (existing)" in again
+    ztoc = _ztoc_lines(heads)[edge_gz]
+    info = json.loads(soci(tmp_path, "ztoc", "info", ztoc).stdout)
+    big = max((f for f in info["files"] if f["type"] == "reg"), key=lambda f: f["size"])
+    assert big["size"] >= SPAN
+    out = tmp_path / "big.bin"
+    soci(tmp_path, "ztoc", "get-file", "--plain-http", ztoc, big["filename"], "-o", str(out))
+    with tarfile.open(layers["edge"]) as t:
+        want_bytes = t.extractfile(big["filename"].rstrip("/")).read()
+    assert out.read_bytes() == want_bytes
+    bad = _create(tmp_path, pushed, "--head-span", "-1", ok=False)
+    assert one_error_line(bad) == "soci: error: --head-span must not be negative"
 
 
 def test_two_creates_at_once_leave_one_consistent_store(tmp_path, pushed):

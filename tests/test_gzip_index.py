@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tracemalloc
 from pathlib import Path
@@ -275,3 +276,88 @@ def test_last_span_without_known_sizes_and_short_input(layers: dict[str, Layer],
         assert extract_span(sized, 1, bytes(broken)) != ref[sized.outs[1]:sized.outs[2]]
     except LayerError:
         pass
+
+
+def _big_files_tar() -> tuple[bytes, list[tuple[int, int]]]:
+    """A tar of small files and big ones (random and text-like), with each big file's (data offset, size)."""
+    import random
+    import tarfile
+
+    rnd = random.Random(7)
+    words = [bytes(rnd.choices(range(97, 123), k=rnd.randint(2, 9))) for _ in range(2000)]
+    buf = io.BytesIO()
+    big: list[str] = []
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for i in range(24):
+            if i % 3 == 0:
+                size = rnd.randint(SPAN, 3 * SPAN)
+                data = rnd.randbytes(size) if i % 2 else b" ".join(rnd.choices(words, k=size // 6))[:size]
+                big.append(f"big{i}")
+                name = f"big{i}"
+            else:
+                data = rnd.randbytes(rnd.randint(0, 200_000))
+                name = f"small{i}"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as t:
+        offsets = [(m.offset_data, m.size) for m in t.getmembers() if m.name in big]
+    return raw, offsets
+
+
+@pytest.mark.parametrize("tool", ["gzip", "pigz"])
+def test_head_spans_put_big_files_heads_in_short_verified_spans(tool: str) -> None:
+    from soci_helper.ztoc.builder import build_ztoc
+    from soci_helper.ztoc.reader import LayerReader, parse_zinfo
+
+    raw, big = _big_files_tar()
+    gz = gzip_stdin(raw, tool=tool)
+    head = 128 << 10
+
+    def zinfo_of(head_span: int, chunk: int) -> tuple[object, GzipZinfo]:
+        chunks = (gz[i:i + chunk] for i in range(0, len(gz), chunk))
+        z = build_ztoc(chunks, "gzip", SPAN, "test", head_span=head_span)
+        zi = parse_zinfo(z)
+        assert isinstance(zi, GzipZinfo)
+        return z, zi
+
+    def head_cost(zi: GzipZinfo, offset: int) -> int:
+        s = zi.span_of(offset)
+        lo, hi = zi.compressed_range(s)
+        return (hi or len(gz)) - lo
+
+    plain_z, plain_zi = zinfo_of(0, CHUNK)
+    for chunk in (4096, CHUNK):
+        z, zi = zinfo_of(head, chunk)
+        assert zi.num_spans > plain_zi.num_spans
+        reader = LayerReader(z, lambda off, n: gz[off:off + n])  # type: ignore[arg-type]
+        for f in z.files:  # type: ignore[attr-defined]
+            # Every span is checked against its digest on the way, so a misplaced digest fails here.
+            assert reader.read(f.uncompressed_offset, f.uncompressed_size) == \
+                raw[f.uncompressed_offset:f.uncompressed_offset + f.uncompressed_size]
+        for offset, _size in big:
+            s = zi.span_of(offset)
+            start, end = zi.uncompressed_range(s)
+            # The head span starts at the block boundary before the file and ends just past head bytes in.
+            assert start <= offset and end is not None and head <= end - offset < head + SPAN // 2
+            assert head_cost(zi, offset) < head + SPAN // 2
+    # Upstream's layout on the same layer makes some heads cost most of a span.
+    assert max(head_cost(plain_zi, off) for off, _ in big) > SPAN // 2
+
+
+def test_head_span_mode_without_files_keeps_upstreams_points_and_digests(layers: dict[str, Layer]) -> None:
+    """The head-span path (per-block yields, held-back hashing) adds nothing of its own when no file is marked;
+    and marks are ignored without a head span."""
+    for layer in layers.values():
+        data = layer.data()
+        want = index_bytes(data)[0]
+        for ix in (GzipIndexer(SPAN, head_span=64 << 10), GzipIndexer(SPAN)):
+            if not ix.head_span:
+                ix.mark_file(1000)
+            for i in range(0, len(data), 100_000):
+                for _ in ix.feed_iter(data[i:i + 100_000]):
+                    pass
+            got = ix.finish()
+            assert (got.checkpoints, got.span_digests) == (want.checkpoints, want.span_digests), layer.name

@@ -114,3 +114,30 @@ def test_disk_full_is_one_clear_error_and_leaves_no_partial_blob(tiny_fs):
     # The store still works for what fits.
     d = store.write(b"small")
     assert store.read(d) == b"small"
+
+
+def test_artifacts_db_of_an_older_version_gains_the_head_span_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(str(path))
+    old.executescript(
+        "CREATE TABLE artifacts (digest TEXT PRIMARY KEY, type TEXT NOT NULL, size INTEGER NOT NULL, "
+        "original_digest TEXT NOT NULL, image_digest TEXT NOT NULL DEFAULT '', image_ref TEXT NOT NULL DEFAULT '', "
+        "platform TEXT NOT NULL DEFAULT '', span_size INTEGER NOT NULL DEFAULT 0, media_type TEXT NOT NULL DEFAULT '', "
+        "artifact_type TEXT NOT NULL DEFAULT '', created_at TEXT NOT NULL);"
+        "INSERT INTO artifacts (digest, type, size, original_digest, span_size, created_at) "
+        "VALUES ('sha256:" + "a" * 64 + "', 'ztoc', 10, 'sha256:" + "b" * 64 + "', 4194304, 'x');"
+    )
+    old.close()
+    db = ArtifactsDB(path)
+    try:
+        # The old row is upstream's layout; a head-span build of the same layer is another entry.
+        assert db.find_ztoc("sha256:" + "b" * 64, 4194304).digest == "sha256:" + "a" * 64
+        assert db.find_ztoc("sha256:" + "b" * 64, 4194304, 65536) is None
+        db.put(ArtifactEntry("sha256:" + "c" * 64, TYPE_ZTOC, 11, "sha256:" + "b" * 64, span_size=4194304,
+                             head_span=65536))
+        assert db.find_ztoc("sha256:" + "b" * 64, 4194304, 65536).digest == "sha256:" + "c" * 64
+    finally:
+        db.close()
+    ArtifactsDB(path).close()  # opening a migrated database again is a no-op

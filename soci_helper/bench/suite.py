@@ -317,6 +317,7 @@ class IndexInfo:
     span_size: int
     # One entry per zTOC: layer digest, zTOC digest and bytes, spans in the layer, compressed layer bytes.
     ztocs: list[dict[str, Any]]
+    head_span: int = 0
 
     @property
     def ztoc_bytes(self) -> int:
@@ -324,6 +325,10 @@ class IndexInfo:
 
 
 _CREATED_RE = re.compile(r"^soci index (sha256:[0-9a-f]{64}) for ", re.M)
+
+
+def _layout(span_size: int, head_span: int) -> str:
+    return fmt_size(span_size) + (f", {fmt_size(head_span)} heads of big files" if head_span else "")
 
 
 def index_info(build_root: Path, create_stdout: str, span_size: int) -> IndexInfo:
@@ -360,14 +365,15 @@ def refs_for(reg: LocalRegistry, w: wl.Workload) -> Refs:
 
 
 def prepare_registry(regdir: Path, images: list[wl.BuiltImage], modes: list[str], min_layer_size: int,
-                     work: Path, span_size: int = DEFAULT_SPAN_SIZE) -> dict[str, IndexInfo]:
+                     work: Path, span_size: int = DEFAULT_SPAN_SIZE, head_span: int = 0) -> dict[str, IndexInfo]:
     """Push every image, then build and push its v1 index and convert it to a v2 tag (unmeasured, loopback).
 
     Returns the v1 index of each workload that got one. Indexes cannot leak between runs: `work` (the
     build store) and `regdir` are new for every run, and a run has one span size.
     """
     build_root = work / "soci-build"
-    build = ("--plain-http", "--min-layer-size", str(min_layer_size), "--span-size", str(span_size))
+    build = ("--plain-http", "--min-layer-size", str(min_layer_size), "--span-size", str(span_size),
+             "--head-span", str(head_span))
     infos: dict[str, IndexInfo] = {}
     with LocalRegistry(workdir=regdir) as reg:
         for img in images:
@@ -378,10 +384,11 @@ def prepare_registry(regdir: Path, images: list[wl.BuiltImage], modes: list[str]
             if "soci-v1" in modes or "soci-v1-nobg" in modes:
                 created = run_soci("create", *build, ref, root=build_root)
                 info = index_info(build_root, created.stdout, span_size)
+                info.head_span = head_span
                 infos[w.name] = info
                 run_soci("push", "--plain-http", ref, root=build_root)
                 note += (f", v1 index pushed ({len(info.ztocs)} zTOC(s), {info.ztoc_bytes / 1e6:.1f} MB, "
-                         f"spans of {fmt_size(span_size)})")
+                         f"spans of {_layout(span_size, head_span)})")
             if "soci-v2" in modes:
                 run_soci("convert", *build, ref, refs_for(reg, w).v2, root=build_root)
                 note += ", v2 converted"
@@ -435,10 +442,11 @@ def _fmt_mb(v: float | None) -> str:
 
 def markdown(cells: dict[tuple[str, str, str], Cell], nets: list[NetProfile], workloads: list[str],
              modes: list[str], skipped: dict[str, str], runs: int, methods: dict[str, str] | None = None,
-             span_size: int = DEFAULT_SPAN_SIZE, indexes: dict[str, IndexInfo] | None = None) -> str:
+             span_size: int = DEFAULT_SPAN_SIZE, indexes: dict[str, IndexInfo] | None = None,
+             head_span: int = 0) -> str:
     lines: list[str] = []
     lazy_ran = any(c.mode in LAZY and c.runs for c in cells.values())
-    spans = f"; SOCI spans of {fmt_size(span_size)}" if lazy_ran else ""
+    spans = f"; SOCI spans of {_layout(span_size, head_span)}" if lazy_ran else ""
     for net in nets:
         desc = net.describe((methods or {}).get(net.name))
         lines += [f"#### {net.name}: {desc}; median (min-max) of {runs} run(s){spans}", "",
@@ -467,7 +475,7 @@ def markdown(cells: dict[tuple[str, str, str], Cell], nets: list[NetProfile], wo
                     + (f" ({len(cell.errors)} failed)" if cell.errors else ""))
         lines.append("")
     if indexes:
-        lines.append(f"SOCI v1 indexes (`soci create --span-size {span_size}`):")
+        lines.append(f"SOCI v1 indexes (`soci create --span-size {span_size} --head-span {head_span}`):")
         for wname in workloads:
             info = indexes.get(wname)
             if info is None:
@@ -576,8 +584,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     methods: dict[str, str] = {}  # how each shaped link was made, for the report
     try:
         regdir = work / "registry"
-        _progress(f"== registry: push, SOCI indexes (spans of {fmt_size(args.span_size)})")
-        indexes = prepare_registry(regdir, images, run_modes, args.min_layer_size, work, args.span_size)
+        _progress(f"== registry: push, SOCI indexes (spans of {_layout(args.span_size, args.head_span)})")
+        indexes = prepare_registry(regdir, images, run_modes, args.min_layer_size, work, args.span_size,
+                                   args.head_span)
         total = len(nets) * len(images) * args.runs * len(run_modes)
         n = 0
         for net in nets:
@@ -610,12 +619,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    table = markdown(cells, nets, names, modes, skipped, args.runs, methods, args.span_size, indexes)
+    table = markdown(cells, nets, names, modes, skipped, args.runs, methods, args.span_size, indexes,
+                     args.head_span)
     print(table, end="", flush=True)
     full_of = {(c.net, c.workload): c for c in cells.values() if c.mode == "full"}
     doc = {
         "suite": "lazy start against full pull",
         "runs": args.runs, "min_layer_size": args.min_layer_size, "span_size": args.span_size,
+        "head_span": args.head_span,
         "seconds": round(time.monotonic() - started, 1),
         "networks": {n.name: n.describe(methods.get(n.name)) for n in nets},
         "workloads": {img.workload.name: {"about": img.workload.about, "command": list(img.workload.command),
@@ -663,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="uncompressed bytes per span of the SOCI indexes built for the run, passed to "
                             "soci create/convert --span-size; K and M suffixes are binary (default 4 MiB, "
                             "as soci create)")
+        q.add_argument("--head-span", type=parse_size, default=d(0),
+                       help="soci create/convert --head-span for the run's indexes: big files get a short first "
+                            "span of their own (default 0, upstream's layout)")
         q.add_argument("--state-dir", default=d("/tmp"),
                        help="where each run's fresh tmpfs is mounted (default /tmp; keep it short: socket paths)")
         q.set_defaults(func=cmd_run)

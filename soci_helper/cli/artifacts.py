@@ -25,8 +25,11 @@ from .progress import Progress
 def _build_options(args: argparse.Namespace, artifact_type: str) -> BuildOptions:
     if args.span_size <= 0:
         raise SociError("--span-size must be positive")
+    if args.head_span < 0:
+        raise SociError("--head-span must not be negative")
     return BuildOptions(
-        span_size=args.span_size, min_layer_size=args.min_layer_size, force=args.force, artifact_type=artifact_type
+        span_size=args.span_size, head_span=args.head_span, min_layer_size=args.min_layer_size, force=args.force,
+        artifact_type=artifact_type,
     )
 
 

@@ -24,6 +24,11 @@ Command = Callable[[argparse.Namespace, Any], int]
 def _add_build_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--span-size", type=int, default=DEFAULT_SPAN_SIZE, help="uncompressed bytes per span")
     p.add_argument(
+        "--head-span", type=int, default=0, metavar="BYTES",
+        help="give each file of at least --span-size bytes a first span of about this many bytes of its own, "
+        "so reading a big file's head fetches that much instead of a whole span (0, the default: upstream's layout)",
+    )
+    p.add_argument(
         "--min-layer-size", type=int, default=DEFAULT_MIN_LAYER_SIZE, help="layers smaller than this get no zTOC"
     )
     p.add_argument("-f", "--force", action="store_true", help="rebuild zTOCs that already exist")

@@ -27,6 +27,7 @@ BUILD_TOOL = f"soci-helper v{__version__}"
 @dataclass(slots=True)
 class BuildOptions:
     span_size: int = DEFAULT_SPAN_SIZE
+    head_span: int = 0  # see build_ztoc; 0 keeps upstream's checkpoint layout
     min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
     force: bool = False
     build_tool: str = BUILD_TOOL
@@ -77,10 +78,11 @@ class IndexBuilder:
         if layer.size < self.opts.min_layer_size:
             return LayerResult(layer, skipped=f"size {layer.size} < min layer size {self.opts.min_layer_size}")
         span = self.opts.span_size
-        # One builder per (layer, span size) at a time across processes; the others then reuse it.
-        with self.store.lock(f"ztoc-build-{dg.hex_part(layer.digest)}-{span}"):
+        head = self.opts.head_span
+        # One builder per (layer, layout) at a time across processes; the others then reuse it.
+        with self.store.lock(f"ztoc-build-{dg.hex_part(layer.digest)}-{span}-{head}"):
             if not self.opts.force:
-                existing = self.db.find_ztoc(layer.digest, span)
+                existing = self.db.find_ztoc(layer.digest, span, head)
                 if existing is not None and self.store.has(existing.digest):
                     ref = si.ZtocRef(existing.digest, existing.size, layer.digest, layer.media_type, span)
                     return LayerResult(layer, ztoc=ref, reused=True)
@@ -93,7 +95,7 @@ class IndexBuilder:
                     progress(layer, done)
 
             try:
-                ztoc = build_ztoc(source.open_blob(layer), kind, span, self.opts.build_tool, on_chunk)
+                ztoc = build_ztoc(source.open_blob(layer), kind, span, self.opts.build_tool, on_chunk, head)
             except LayerError as exc:
                 raise LayerError(f"layer {layer.digest}: {exc}") from None
             blob = codec.encode(ztoc)
@@ -107,6 +109,7 @@ class IndexBuilder:
                     image_ref=source.ref,
                     span_size=span,
                     media_type=si.ZTOC_MEDIA_TYPE,
+                    head_span=head,
                 )
             )
             log.info("built ztoc %s for layer %s (%d files, %d spans)", ztoc_digest, layer.digest,

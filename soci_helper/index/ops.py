@@ -149,6 +149,7 @@ class Store:
                         span_size=z.span_size,
                         media_type=si.ZTOC_MEDIA_TYPE,
                         created_at=prevz.created_at if prevz else "",
+                        head_span=prevz.head_span if prevz else 0,
                     )
                 )
                 n_ztocs += 1

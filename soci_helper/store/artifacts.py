@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS artifacts (
     span_size       INTEGER NOT NULL DEFAULT 0,
     media_type      TEXT NOT NULL DEFAULT '',
     artifact_type   TEXT NOT NULL DEFAULT '',
-    created_at      TEXT NOT NULL
+    created_at      TEXT NOT NULL,
+    head_span       INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS artifacts_original ON artifacts(type, original_digest);
 """
@@ -47,6 +48,7 @@ class ArtifactEntry:
     media_type: str = ""
     artifact_type: str = ""
     created_at: str = ""
+    head_span: int = 0  # zTOCs: the head span given to big files, 0 for upstream's layout
 
 
 _COLUMNS = [f.name for f in fields(ArtifactEntry)]
@@ -67,11 +69,22 @@ class ArtifactsDB:
             self._db.execute("PRAGMA busy_timeout = 30000")
             self._retry(lambda: self._db.execute("PRAGMA journal_mode = WAL"))
             self._retry(lambda: self._db.executescript(_SCHEMA))
+            self._retry(self._migrate)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"artifacts database {self.path} is unusable: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older version up to this schema (columns are only ever added)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(artifacts)")}
+        if "head_span" not in have:
+            try:
+                self._db.execute("ALTER TABLE artifacts ADD COLUMN head_span INTEGER NOT NULL DEFAULT 0")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process added it first
+                    raise
 
     def __enter__(self) -> ArtifactsDB:
         return self
@@ -123,9 +136,10 @@ class ArtifactsDB:
             return list(self._query("type = ? AND original_digest = ?", (TYPE_ZTOC, layer_digest)))
         return list(self._query("type = ?", (TYPE_ZTOC,)))
 
-    def find_ztoc(self, layer_digest: str, span_size: int) -> ArtifactEntry | None:
+    def find_ztoc(self, layer_digest: str, span_size: int, head_span: int = 0) -> ArtifactEntry | None:
         rows = list(
-            self._query("type = ? AND original_digest = ? AND span_size = ?", (TYPE_ZTOC, layer_digest, span_size))
+            self._query("type = ? AND original_digest = ? AND span_size = ? AND head_span = ?",
+                        (TYPE_ZTOC, layer_digest, span_size, head_span))
         )
         return rows[0] if rows else None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,22 @@ def _address(data: bytes) -> int:
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
 
+# A checkpoint costs a 32 KiB window in the zTOC; a head-span point closer than this to the previous
+# checkpoint would cost more zTOC bytes than it can save in span bytes.
+_MIN_HEAD_GAP = 2 * WINDOW_SIZE
+
+
+@dataclass(slots=True)
+class _Boundary:
+    """A deflate block boundary that may still become a checkpoint once the tar stream is parsed past it."""
+
+    comp_in: int
+    out: int
+    bits: int
+    pos: int  # where its output ends in the buffer, while its window is still there
+    window: bytes | None = None
+
+
 class GzipIndexer:
     """Feed the compressed layer in order; get back its uncompressed bytes; `finish` for the index.
 
@@ -44,10 +61,19 @@ class GzipIndexer:
     member's header.
     """
 
-    def __init__(self, span_size: int = DEFAULT_SPAN_SIZE, backend: str | None = None) -> None:
+    def __init__(self, span_size: int = DEFAULT_SPAN_SIZE, backend: str | None = None,
+                 head_span: int = 0) -> None:
         if span_size <= 0:
             raise ValueError("span size must be positive")
+        if head_span < 0:
+            raise ValueError("head span must not be negative")
         self.span_size = span_size
+        # With head_span, mark_file() adds two checkpoints per marked file: at the last block boundary
+        # before its data, and at the first one head_span bytes into it (see mark_file).
+        self.head_span = head_span
+        self._starts: deque[int] = deque()
+        self._head_ends: deque[int] = deque()
+        self._prev: _Boundary | None = None
         self._be = zi.load(backend)
         self._inf = zi.Inflater(self._be, zi.WBITS_GZIP)
         self._cap = WINDOW_SIZE + _OUT_SIZE
@@ -63,7 +89,10 @@ class GzipIndexer:
         self._digests: list[str] = []
         self._hasher: hashlib._Hash | None = None
         self._hashed_to = 0
-        self._prev_byte = b""
+        # Compressed bytes not hashed yet, from the byte before _hashed_to (which a checkpoint with
+        # leftover bits shares with the next span) on: a head-span point may land one block back.
+        self._carry = b""
+        self._carry_base = 0
         self._member_ended = False
         self._in_header = True
         self._members = 0
@@ -80,23 +109,68 @@ class GzipIndexer:
         return chunk
 
     def _slide(self) -> None:
+        prev = self._prev
+        if prev is not None and prev.window is None:
+            # Its window is about to be overwritten: keep a copy while it may still become a checkpoint.
+            prev.window = ctypes.string_at(self._base + prev.pos - WINDOW_SIZE, WINDOW_SIZE)
         ctypes.memmove(self._base, self._base + self._pos - WINDOW_SIZE, WINDOW_SIZE)
         self._pos = self._emit = WINDOW_SIZE
 
-    def _checkpoint(self, bits: int, data: bytes, base: int) -> None:
-        at = self._totin
-        window = ctypes.string_at(self._base + self._pos - WINDOW_SIZE, WINDOW_SIZE)
-        self._points.append(pack_checkpoint(at, self._totout, bits, window))
-        self._last = self._totout
+    def _compressed(self, lo: int, hi: int, data: bytes, base: int) -> bytes | memoryview:
+        """Compressed bytes [lo, hi) from the carried tail and the current input (which starts at base)."""
+        if lo >= base:
+            return memoryview(data)[lo - base:hi - base]
+        head = self._carry[lo - self._carry_base:min(hi, base) - self._carry_base]
+        return head + data[:hi - base] if hi > base else head
+
+    def _checkpoint(self, at: int, out: int, bits: int, window: bytes, data: bytes, base: int) -> None:
+        self._points.append(pack_checkpoint(at, out, bits, window))
+        self._last = out
         if self._hasher is not None:
-            self._hasher.update(memoryview(data)[self._hashed_to - base:at - base])
+            self._hasher.update(self._compressed(self._hashed_to, at, data, base))
             self._digests.append(_digest(self._hasher))
         h = hashlib.sha256()
         if bits:
             # The byte holding the leftover bits belongs to both neighbouring spans.
-            h.update(data[at - 1 - base:at - base] if at - 1 >= base else self._prev_byte)
+            h.update(self._compressed(at - 1, at, data, base))
         self._hasher = h
         self._hashed_to = at
+
+    def _here(self, bits: int, data: bytes, base: int) -> None:
+        window = ctypes.string_at(self._base + self._pos - WINDOW_SIZE, WINDOW_SIZE)
+        self._checkpoint(self._totin, self._totout, bits, window, data, base)
+
+    def mark_file(self, data_offset: int) -> None:
+        """A file whose head should get its own short span starts at this uncompressed offset.
+
+        Offsets must come in increasing order, each before the output passes the next block boundary
+        after it: feed_iter, with head_span set, yields at every block boundary so that a tar parser fed
+        from it can call this in time. Without head_span it does nothing.
+        """
+        if self.head_span:
+            self._starts.append(data_offset)
+            self._head_ends.append(data_offset + self.head_span)
+
+    def _head_points(self, bits: int, data: bytes, base: int) -> None:
+        """At a block boundary, with the tar parsed up to it: add the head-span checkpoints now due."""
+        out = self._totout
+        prev = self._prev
+        starts = self._starts
+        if starts and starts[0] < out:
+            # A marked file starts in the block that just ended: its span starts at that block's start.
+            while starts and starts[0] < out:
+                starts.popleft()
+            if prev is not None and prev.out - self._last >= _MIN_HEAD_GAP and prev.out > self._last:
+                window = prev.window
+                if window is None:
+                    window = ctypes.string_at(self._base + prev.pos - WINDOW_SIZE, WINDOW_SIZE)
+                self._checkpoint(prev.comp_in, prev.out, prev.bits, window, data, base)
+        ends = self._head_ends
+        if ends and ends[0] <= out:
+            while ends and ends[0] <= out:
+                ends.popleft()
+            if out - self._last >= _MIN_HEAD_GAP:
+                self._here(bits, data, base)
 
     def feed(self, compressed: bytes | bytearray | memoryview) -> list[bytes]:
         """Consume the next compressed bytes; return the uncompressed bytes they produced.
@@ -128,6 +202,7 @@ class GzipIndexer:
         strm.next_in = _address(data)
         strm.avail_in = n
         span = self.span_size
+        head = self.head_span > 0
         while strm.avail_in:
             if self._member_ended:
                 self._inf.reset(zi.WBITS_GZIP)
@@ -155,15 +230,31 @@ class GzipIndexer:
                     continue
                 self._fail(ret)
             dt = strm.data_type
-            if dt & zi.DT_BLOCK_END:
-                self._in_header = False
-            if dt & zi.DT_BLOCK_END and not dt & zi.DT_LAST_BLOCK and (
-                    self._totout == 0 or self._totout - self._last > span):
-                self._checkpoint(dt & zi.DT_BITS_MASK, data, base)
+            if not dt & zi.DT_BLOCK_END:
+                continue
+            self._in_header = False
+            if dt & zi.DT_LAST_BLOCK:
+                continue
+            bits = dt & zi.DT_BITS_MASK
+            if head:
+                # The consumer parses the tar up to this boundary (and marks files) before we go on.
+                if self._pos > self._emit:
+                    yield self._take()
+                self._head_points(bits, data, base)
+            if self._totout == 0 or self._totout - self._last > span:
+                self._here(bits, data, base)
+            if head:
+                self._prev = _Boundary(self._totin, self._totout, bits, self._pos)
+        end = base + n
+        keep = end
+        if self._hasher is not None and head and self._prev is not None:
+            keep = max(self._hashed_to, self._prev.comp_in)
         if self._hasher is not None:
-            self._hasher.update(memoryview(data)[self._hashed_to - base:])
-            self._hashed_to = base + n
-        self._prev_byte = data[-1:]
+            self._hasher.update(self._compressed(self._hashed_to, keep, data, base))
+        self._hashed_to = keep
+        lo = max(0, min(keep, end) - 1)
+        self._carry = bytes(self._compressed(lo, end, data, base))
+        self._carry_base = lo
         self._busy = False
         if self._pos > self._emit:
             yield self._take()
@@ -194,6 +285,7 @@ class GzipIndexer:
         if not self._points:
             raise LayerError("gzip data has no deflate stream to index")
         assert self._hasher is not None
+        self._hasher.update(self._compressed(self._hashed_to, self._fed, b"", self._fed))
         self._digests.append(_digest(self._hasher))
         blob = b"".join([pack_header(len(self._points), self.span_size), *self._points])
         self._points.clear()

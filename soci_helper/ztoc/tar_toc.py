@@ -244,6 +244,11 @@ class TarTocParser:
         return self._pos
 
     @property
+    def files(self) -> list[FileMetadata]:
+        """The entries parsed so far, in order (the parser's own list: read it, do not change it)."""
+        return self._files
+
+    @property
     def done(self) -> bool:
         """Whether the end-of-archive marker has been seen."""
         return self._state == _S_DONE
