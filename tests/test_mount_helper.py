@@ -489,3 +489,79 @@ def test_corrupt_spans_and_outages_give_eio_then_reads_recover(env, tmp_path):
                 subprocess.run(["umount", str(m)], check=True)
     finally:
         proxy.stop()
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+
+
+def _unmount(mnt: Path) -> None:
+    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+
+
+def test_spare_server_becomes_the_mounts_server_and_idle_spares_go(env):
+    from soci_helper.fs import server as srv
+    from soci_helper.mount.helper import mount_layer
+    from soci_helper.mount.spares import SparePool
+
+    pool = SparePool(env["root"], idle_sec=2.0)
+    try:
+        pool.warm()
+        spare = pool.take(more=True)
+        nxt = pool._spare
+        assert spare is not None and nxt is not None
+        mnt = env["dir"] / "spare"
+        mnt.mkdir()
+        res = mount_layer(_source(env, env["layers"][2]), mnt, _opts(env), root=str(env["root"]), spare=spare)
+        try:
+            assert (mnt / "etc" / "a").read_text() == "a from top\n"
+            # The spare's own interpreter serves the mount, known by the mount id it was started with.
+            assert res.mount_id == spare.mount_id and spare.proc.returncode == 0
+            assert srv.SPARE_FLAG in _cmdline(res.pid) and srv.is_server_process(res.pid, res.mount_id)
+            assert res.pid in server_pids(env["root"])
+            assert "starting (pid" in res.log_file.read_text()
+        finally:
+            _unmount(mnt)
+        assert wait_servers_gone(env["root"])
+        # take(more=True) started the next spare; nobody takes it, so it goes after idle_sec with its empty log.
+        deadline = time.monotonic() + 15
+        while nxt.log_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert nxt.proc.returncode == 0 and not nxt.log_file.exists() and pool._spare is None
+    finally:
+        pool.close()
+
+
+def test_dead_or_unused_spares_leave_mounts_working_and_nothing_behind(env):
+    from soci_helper.mount.helper import MountError, mount_layer
+    from soci_helper.mount.spares import SparePool
+
+    pool = SparePool(env["root"])
+    try:
+        # A spare that died before its mount: the mount starts a server of its own.
+        pool.warm()
+        dead = pool.take()
+        assert dead is not None
+        dead.proc.kill()
+        dead.proc.wait()
+        mnt = env["dir"] / "after-dead-spare"
+        mnt.mkdir()
+        res = mount_layer(_source(env, env["layers"][1]), mnt, _opts(env), root=str(env["root"]), spare=dead)
+        try:
+            assert res.pid in server_pids(env["root"]) and "--spare" not in _cmdline(res.pid)
+        finally:
+            _unmount(mnt)
+        # A mount that fails before its server starts stops the spare it was given.
+        pool.warm()
+        unused = pool.take()
+        assert unused is not None
+        with pytest.raises(MountError):
+            mount_layer(_source(env, env["layers"][1]), env["dir"] / "no-such-dir", _opts(env),
+                        root=str(env["root"]), spare=unused)
+        assert unused.proc.returncode == 0 and not unused.log_file.exists()
+        pool.warm()
+        last = pool._spare
+    finally:
+        pool.close()
+    assert last is not None and last.proc.returncode == 0
+    assert wait_servers_gone(env["root"])

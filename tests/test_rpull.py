@@ -17,10 +17,12 @@ from support.cli import one_error_line, soci
 from support.containers import busybox_trees, wait_for
 
 from soci_helper.containerd import rpull as rp
+from soci_helper.fs.server import MODULE as SERVER_MODULE
 from soci_helper.oci.layout import OCILayout
 from soci_helper.oci.manifest import Descriptor
 from soci_helper.sandbox.containerd import SociSandbox
 from soci_helper.sandbox.images import tar_of, write_image
+from soci_helper.sandbox.procs import pids_matching
 from soci_helper.sandbox.registry import LocalRegistry
 from soci_helper.snapshotter.remote import LayerRequest, RemoteLayer, lazy_unmount
 from soci_helper.snapshotter.service import Server, Snapshotter
@@ -357,6 +359,10 @@ def test_rpull_with_the_soci_decider_mounts_the_indexed_layer(indexed: dict[str,
         assert ": unpacked" in lines[0] and lines[1].endswith(": lazy"), r.stdout
         snapdirs = sb.snapshotter.root / "snapshotter" / "snapshots"
         assert len(_fuse_mounts_under(snapdirs)) == 1
+        # The layer server is the spare the daemon started at the image's first Prepare, and with no lazy
+        # layer left to mount, no other spare waits.
+        servers = pids_matching(SERVER_MODULE, str(sb.snapshotter.root))
+        assert len(servers) == 1 and "--spare" in Path(f"/proc/{servers[0]}/cmdline").read_text().split("\0")
         run = c.ctr("run", "--rm", "--snapshotter", "soci", ref, "rpull-d", "/bin/busybox", "cat",
                     "/big/a-hello.txt")
         assert run.stdout == "hello from a lazy layer\n"

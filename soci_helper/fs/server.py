@@ -606,8 +606,60 @@ def _setup_logging(spec: ServerSpec) -> None:
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    spec, ready_fd, table_fd, detach = _parse(sys.argv[1:] if argv is None else argv)
+SPARE_FLAG = "--spare"
+
+
+def _warm_imports() -> None:
+    """Everything a server imports on its way to serving, so that a spare has it loaded before it is asked."""
+    import pyfuse3  # noqa: F401
+    import trio  # noqa: F401
+
+    from ..oci import auth, registry  # noqa: F401
+    from ..store import content, spancache  # noqa: F401
+    from . import inodes, layerfs, spans  # noqa: F401
+
+
+def spare_argv(root: str, mount_id: str) -> list[str]:
+    """A spare's arguments: the store root and mount id are on its command line, as on any server's."""
+    return [SPARE_FLAG, "--root", root, "--id", mount_id]
+
+
+def run_spare(argv: Sequence[str]) -> int:
+    """A spare server: imported and waiting for its mount, so a mount does not wait for an interpreter.
+
+    The pool that started it (see mount/spares.py) writes one line, the server's arguments as a JSON list
+    with the same root and mount id, then reads the server's answer from this process's stdout; stderr is
+    already the mount's log. End of input: not needed, exit."""
+    p = argparse.ArgumentParser(prog="soci-layer-server --spare")
+    p.add_argument("--root", required=True)
+    p.add_argument("--id", required=True, dest="mount_id")
+    mine = p.parse_args(argv)
+    _warm_imports()
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return 0
+    args = json.loads(line)
+    if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
+        print("soci-layer-server: error: a spare server got a malformed request", file=sys.stderr)
+        return 1
+    ready = os.dup(1)
+    os.dup2(2, 1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return main([*args, "--ready-fd", str(ready), "--detach"], spare=(mine.root, mine.mount_id))
+
+
+def main(argv: Sequence[str] | None = None, spare: tuple[str, str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == [SPARE_FLAG]:
+        return run_spare(args[1:])
+    spec, ready_fd, table_fd, detach = _parse(args)
+    if spare is not None and (spec.root, spec.mount_id) != spare:
+        # What is on this process's command line is how it is found again: it must be this mount's.
+        print(f"soci-layer-server: error: spare {spare[1]} of {spare[0]} asked to serve mount {spec.mount_id} "
+              f"of {spec.root}", file=sys.stderr)
+        return 1
     if detach:
         # Second fork: the helper reaps the first child at once; the server is then nobody's child but
         # init's, in its own session, so the helper (or the daemon) exiting never takes it down.

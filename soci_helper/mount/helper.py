@@ -19,6 +19,7 @@ from .. import digest as dg
 from ..errors import NotFound, SociError
 from ..fs import server as srv
 from ..oci.reference import Reference, parse_reference
+from .spares import Spare
 
 log = logging.getLogger(__name__)
 
@@ -285,25 +286,9 @@ def _reap_builder(pid: int, kill: bool) -> None:
             time.sleep(0.002)
 
 
-def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: float,
-                 prebuild: bool = False) -> MountResult:
-    """Start the detached layer server and wait for its answer.
-
-    prebuild: fork the inode table's builder here first (see mount()); its pipe goes to the server, and the
-    builder is reaped here whatever happens."""
-    mount_id = os.urandom(6).hex()
-    spec = srv.ServerSpec(root=os.path.abspath(req.root), mount_id=mount_id, mountpoint=req.mountpoint,
-                          source=req.source, host=req.reference.registry, repository=req.reference.repository,
-                          layer_digest=req.layer_digest, ztoc_digest=ztoc_digest, image_ref=image_ref,
-                          plain_http=req.plain_http, config_path=req.config_path,
-                          extra_options=tuple(req.passthrough))
-    mdir = srv.mounts_dir(spec.root)
-    mdir.mkdir(parents=True, exist_ok=True)
-    state_file, log_file = srv.state_path(spec.root, mount_id), srv.log_path(spec.root, mount_id)
-    before = soci_mounts_at(req.mountpoint)
-    table = srv.prebuild_table(spec.root, ztoc_digest) if prebuild else None
-    table_fd = table[1] if table is not None else None
-    table_args = ["--table-fd", str(table_fd)] if table_fd is not None else []
+def _spawn_and_wait(spec: srv.ServerSpec, table_args: list[str], table_fd: int | None, log_file: Path,
+                    timeout: float) -> str | None:
+    """Start a new server interpreter (it detaches) and wait for its answer; closes table_fd either way."""
     answer: str | None = None
     r = w = -1
     try:
@@ -328,6 +313,43 @@ def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: f
             os.close(w)
         if table_fd is not None:
             os.close(table_fd)
+    return answer
+
+
+def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: float,
+                 prebuild: bool = False, spare: Spare | None = None) -> MountResult:
+    """Start the detached layer server and wait for its answer.
+
+    prebuild: fork the inode table's builder here first (see mount()); its pipe goes to the server, and the
+    builder is reaped here whatever happens.
+    spare: a spare server (see spares.py) to become this mount's server instead of a new interpreter."""
+    mount_id = spare.mount_id if spare is not None else os.urandom(6).hex()
+    spec = srv.ServerSpec(root=os.path.abspath(req.root), mount_id=mount_id, mountpoint=req.mountpoint,
+                          source=req.source, host=req.reference.registry, repository=req.reference.repository,
+                          layer_digest=req.layer_digest, ztoc_digest=ztoc_digest, image_ref=image_ref,
+                          plain_http=req.plain_http, config_path=req.config_path,
+                          extra_options=tuple(req.passthrough))
+    mdir = srv.mounts_dir(spec.root)
+    mdir.mkdir(parents=True, exist_ok=True)
+    state_file, log_file = srv.state_path(spec.root, mount_id), srv.log_path(spec.root, mount_id)
+    before = soci_mounts_at(req.mountpoint)
+    table = srv.prebuild_table(spec.root, ztoc_digest) if prebuild else None
+    table_fd = table[1] if table is not None else None
+    table_args = ["--table-fd", str(table_fd)] if table_fd is not None else []
+    answer: str | None = None
+    try:
+        # A spare has no table pipe: a caller that prebuilds (the mount helper) has no spares anyway.
+        ready = spare.hand_over(spec.to_argv()) if spare is not None and table_fd is None else None
+        if ready is not None:
+            assert spare is not None
+            answer = _wait_ready(ready, timeout)
+            spare.release()
+        else:
+            answer = _spawn_and_wait(spec, table_args, table_fd, log_file, timeout)
+            table_fd = None
+    finally:
+        if table_fd is not None:
+            os.close(table_fd)
         if table is not None:
             _reap_builder(table[0], kill=answer != "ok")
     if answer == "ok":
@@ -348,26 +370,31 @@ def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: f
     raise MountError(f"cannot mount {req.source} at {req.mountpoint}: {why} (log: {log_file})")
 
 
-def mount(req: MountRequest, prebuild: bool = False) -> MountResult | None:
+def mount(req: MountRequest, prebuild: bool = False, spare: Spare | None = None) -> MountResult | None:
     """Mount one layer; returns once the mount answers. Raises MountError (one line) on any failure.
 
     prebuild: start building the inode table while the server starts (a fork: single-threaded callers only).
     On a 100,000-entry layer this and the forked decoding together took 0.08 s off the mount."""
-    if not os.path.isdir(req.mountpoint):
-        raise MountError(f"mount point {req.mountpoint} does not exist or is not a directory")
-    cfg = config_mod.load(req.config_path) if req.config_path else config_mod.load()
-    ztoc_digest, image_ref = find_ztoc(req)
-    if req.fake:
-        return None
-    return start_server(req, ztoc_digest, image_ref, float(cfg.mount_timeout_sec), prebuild)
+    try:
+        if not os.path.isdir(req.mountpoint):
+            raise MountError(f"mount point {req.mountpoint} does not exist or is not a directory")
+        cfg = config_mod.load(req.config_path) if req.config_path else config_mod.load()
+        ztoc_digest, image_ref = find_ztoc(req)
+        if req.fake:
+            return None
+        return start_server(req, ztoc_digest, image_ref, float(cfg.mount_timeout_sec), prebuild, spare)
+    finally:
+        if spare is not None:
+            spare.release()
 
 
 def mount_layer(source: str, mountpoint: str | os.PathLike[str], options: str = "ro", *,
-                root: str | None = None) -> MountResult:
-    """Library entry: the same as `mount -t fuse.soci SOURCE MOUNTPOINT -o OPTIONS`."""
+                root: str | None = None, spare: Spare | None = None) -> MountResult:
+    """Library entry: the same as `mount -t fuse.soci SOURCE MOUNTPOINT -o OPTIONS`; `spare` (see spares.py)
+    becomes the layer's server if given."""
     req = parse_argv([source, os.fspath(mountpoint), "-o", options])
     if root is not None:
         req.root = root
-    result = mount(req)
+    result = mount(req, spare=spare)
     assert result is not None
     return result

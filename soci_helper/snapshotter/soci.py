@@ -25,6 +25,7 @@ from ..index import soci_index as si
 from ..index.discover import discover
 from ..index.ops import Store
 from ..mount.helper import force_unmount, mount_layer, soci_mounts_at
+from ..mount.spares import SparePool
 from ..oci import mediatype as mt
 from ..oci.auth import resolve_credentials
 from ..oci.manifest import Descriptor
@@ -205,8 +206,12 @@ class SociDecider:
         self._key_locks: dict[str, tuple[threading.Lock, list[int]]] = {}
         self._images: dict[str, ImageInfo] = {}
         self._indexes: dict[tuple[str, str], tuple[FoundIndex | None, float]] = {}
+        # A layer server takes about 0.2 s to start its interpreter and imports; a spare started when an image's
+        # layers begin to arrive does that while the index is discovered and the previous layer mounts.
+        self.spares = SparePool(self.root)
 
     def close(self) -> None:
+        self.spares.close()
         self.table.close()
 
     # --- helpers ------------------------------------------------------------------
@@ -334,6 +339,17 @@ class SociDecider:
             _remember(self._indexes, key, (found, time.monotonic() + NO_INDEX_TTL), IMAGE_CACHE_SIZE)
         return found
 
+    def _may_mount(self, manifest_digest: str | None, explicit: str | None) -> bool:
+        """False when this image is already known to have no index to mount from."""
+        modes = self.config.pull_modes
+        if not (modes.soci_v1.enable or modes.soci_v2.enable or explicit):
+            return False
+        if manifest_digest is None:
+            return True
+        with self._lock:
+            hit = self._indexes.get((manifest_digest, explicit or ""))
+        return hit is None or hit[0] is not None
+
     # --- the hook -----------------------------------------------------------------------
 
     def prepare(self, req: LayerRequest) -> RemoteLayer | None:
@@ -353,6 +369,8 @@ class SociDecider:
         for d in filter(None, labels.get(IMAGE_LAYERS_LABEL, "").split(",")):
             if not _is_digest(d.strip()):
                 raise SnapshotInvalid(f"label {IMAGE_LAYERS_LABEL}: {d[:80]!r} is not a sha256 digest")
+        if self._may_mount(manifest_digest, explicit):
+            self.spares.warm()  # a lazy mount may follow: the spare starts while the index is looked up
         with self._once(ref.name):
             info, fetched = self._image(ref, manifest_digest)
             found = self._index(info, explicit, fetched)
@@ -366,11 +384,15 @@ class SociDecider:
         z = found.index.ztoc_for_layer(layer)
         min_size = self.config.snapshotter.min_layer_size
         if z is not None and desc.size >= min_size:
-            return self._mount(req, info, desc, z)
+            more = any(d.size >= min_size and found.index.ztoc_for_layer(d.digest) is not None
+                       for d in info.layers[pos + 1:])
+            return self._mount(req, info, desc, z, more)
         why = "no zTOC" if z is None else f"smaller than min_layer_size {min_size}"
         return self._unpack(req, info, pos, why)
 
-    def _mount(self, req: LayerRequest, info: ImageInfo, desc: Descriptor, z: si.ZtocRef) -> RemoteLayer:
+    def _mount(self, req: LayerRequest, info: ImageInfo, desc: Descriptor, z: si.ZtocRef,
+               more: bool = False) -> RemoteLayer:
+        """Mount the layer lazily; `more`: later layers of the image will be mounted too."""
         ref = info.reference
         source = f"{ref.registry}/{ref.repository}@{desc.digest}"
         opts = ["ro", f"ztoc={z.digest}", f"root={self.root}", f"config={self.config_path}"]
@@ -378,7 +400,7 @@ class SociDecider:
             opts.append("plain_http")
         options = ",".join(opts)
         mountpoint = str(req.mountpoint)
-        res = mount_layer(source, mountpoint, options, root=str(self.root))
+        res = mount_layer(source, mountpoint, options, root=str(self.root), spare=self.spares.take(more))
         try:
             self.table.put(MountRecord(int(req.mountpoint.parent.name), mountpoint, source, options, desc.digest,
                                        z.digest))
