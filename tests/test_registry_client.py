@@ -14,7 +14,7 @@ import pytest
 from support.registry import LocalRegistry
 
 from soci_helper import config, digest
-from soci_helper.errors import NotFound
+from soci_helper.errors import NotFound, RegistryError
 from soci_helper.oci import mediatype as mt
 from soci_helper.oci.auth import Credentials
 from soci_helper.oci.registry import RegistryClient, RegistryOptions, merge_ranges
@@ -251,3 +251,51 @@ def test_whole_blob_reads_keep_the_connection(client: RegistryClient, reg: Local
     connects = [r.getMessage() for r in caplog.records
                 if r.getMessage().startswith(("Starting new", "Resetting dropped"))]
     assert connects == []
+
+
+class _ForwardProxy(BaseHTTPRequestHandler):
+    """An HTTP proxy that answers for the registry itself: requests arrive in absolute form."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[str] = []
+
+    def log_message(self, *a: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        _ForwardProxy.seen.append(self.path)
+        body = BLOB
+        status = 200
+        rng = self.headers.get("Range")
+        if rng:
+            lo, hi = (int(x) for x in rng.split("=")[1].split("-"))
+            body, status = BLOB[lo:hi + 1], 206
+        self.send_response(status)
+        if rng:
+            self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(BLOB)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_proxy_environment_is_honoured_on_every_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = _serve(_ForwardProxy, "127.0.0.1")
+    _ForwardProxy.seen = []
+    target = "127.0.0.3:9"  # nothing listens there: only the proxy can answer
+    for var in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server_address[1]}")
+    try:
+        opts = RegistryOptions(plain_http=True, retry=RetryPolicy(max_retries=0))
+        with RegistryClient(target, opts) as c:
+            for off in (10, 5000, 70_000):  # the environment is read once; every request still takes the proxy
+                assert c.get_blob_range("p/p", BLOB_DIGEST, off, 100) == BLOB[off:off + 100]
+        assert len(_ForwardProxy.seen) == 3
+        assert all(p.startswith(f"http://{target}/v2/p/p/blobs/{BLOB_DIGEST}") for p in _ForwardProxy.seen)
+        monkeypatch.setenv("no_proxy", "127.0.0.3")
+        with RegistryClient(target, opts) as c, pytest.raises(RegistryError, match=target):
+            c.get_blob_range("p/p", BLOB_DIGEST, 10, 100)
+        assert len(_ForwardProxy.seen) == 3
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
