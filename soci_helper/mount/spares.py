@@ -137,6 +137,12 @@ class SparePool:
                 self._arm()
             return spare
 
+    def drop(self) -> None:
+        """No mount is expected after all: stop the spare now rather than after the idle time."""
+        spare = self.take()
+        if spare is not None:
+            spare.release()
+
     def _retire_idle(self) -> None:
         while True:
             with self._lock:

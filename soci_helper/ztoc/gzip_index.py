@@ -160,7 +160,7 @@ class GzipIndexer:
             # A marked file starts in the block that just ended: its span starts at that block's start.
             while starts and starts[0] < out:
                 starts.popleft()
-            if prev is not None and prev.out - self._last >= _MIN_HEAD_GAP and prev.out > self._last:
+            if prev is not None and prev.out - self._last >= _MIN_HEAD_GAP:
                 window = prev.window
                 if window is None:
                     window = ctypes.string_at(self._base + prev.pos - WINDOW_SIZE, WINDOW_SIZE)
