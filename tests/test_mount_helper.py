@@ -36,6 +36,7 @@ from soci_helper.oci.layout import OCILayout
 from soci_helper.sandbox.images import write_image
 
 SMALL_SPAN = 64 << 10
+SPAN_1M = 1 << 20
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mount(8), FUSE allow_other and overlayfs need root"),
@@ -565,3 +566,45 @@ def test_dead_or_unused_spares_leave_mounts_working_and_nothing_behind(env):
         pool.close()
     assert last is not None and last.proc.returncode == 0
     assert wait_servers_gone(env["root"])
+
+
+def test_heads_of_big_files_are_fetched_as_soon_as_the_layer_is_mounted(env, tmp_path):
+    rnd = os.urandom
+    entries = []
+    for i in range(5):
+        entries.append((_info(f"models/m{i}.bin", size=3 * SPAN_1M), rnd(3 * SPAN_1M)))
+        entries.append((_info(f"models/readme{i}.txt", size=100), rnd(100)))
+    tar = _tar(tmp_path / "models.tar", entries)
+    layout = tmp_path / "layout"
+    write_image(layout, [(tar, "gzip")], "v1")
+    ref = env["reg"].push_oci_layout(layout, "test/models:v1", tag="v1")
+    layer = json.loads(OCILayout(layout).read_blob(OCILayout(layout).resolve("v1").digest))["layers"][0]["digest"]
+    root = tmp_path / "root"
+    soci_cli(root, "create", "--plain-http", "--span-size", str(SPAN_1M), "--head-span", str(64 << 10),
+             "--min-layer-size", "0", ref)
+    cfg = tmp_path / "config.toml"
+    # Background fetch on, but its own pass far off: what is fetched at once is the heads alone.
+    cfg.write_text("[background_fetch]\ndisable = false\nsilence_period_msec = 600000\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mount_guard(tmp_path, root):
+        before = _blob_gets(env, layer)
+        r = mount_cmd(f"{env['reg'].host}/test/models@{layer}", mnt, f"ro,plain_http,root={root},config={cfg}")
+        assert r.returncode == 0, r.stderr
+        try:
+            deadline = time.monotonic() + 15
+            while _blob_gets(env, layer) - before < 5 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)
+            assert _blob_gets(env, layer) - before == 5  # one short span per big file, nothing else
+            fetched = _blob_gets(env, layer)
+            with tarfile.open(tar) as t:
+                for i in range(5):
+                    want = t.extractfile(f"models/m{i}.bin").read(4096)
+                    with open(mnt / "models" / f"m{i}.bin", "rb") as f:
+                        assert f.read(4096) == want
+            time.sleep(0.5)
+            assert _blob_gets(env, layer) == fetched  # the heads came from the span cache
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+        assert wait_servers_gone(root)

@@ -457,3 +457,61 @@ def test_stats_json_and_atomic_publish(tmp_path):
     assert [p.name for p in (tmp_path / "m").iterdir()] == ["stats.json"]
     with pytest.raises(AttributeError):
         s.add(nonsense=1)
+
+
+@pytest.fixture(scope="module")
+def big_files(tmp_path_factory, registry):
+    """A layer of big random files among small ones, indexed with 64 KiB head spans, in the registry."""
+    import io
+    import os
+
+    d = tmp_path_factory.mktemp("bigfiles")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for i in range(6):
+            for name, size in ((f"small{i}", 3000 + i), (f"model{i}.bin", SPAN * 2 + 12345 * i)):
+                info = tarfile.TarInfo(name)
+                info.size = size
+                t.addfile(info, io.BytesIO(os.urandom(size)))
+    tar = d / "big.tar"
+    tar.write_bytes(buf.getvalue())
+    desc = write_image(d / "layout", [(tar, "gzip")], "v1")
+    lay = OCILayout(d / "layout")
+    digest = json.loads(lay.read_blob(desc.digest))["layers"][0]["digest"]
+    with open(lay.blob_path(digest), "rb") as f:
+        ztoc = build_ztoc(iter(lambda: f.read(1 << 20), b""), "gzip", SPAN, "test", head_span=64 << 10)
+    registry.push_oci_layout(d / "layout", f"{REPO}:big", tag="v1")
+    with tarfile.open(tar) as tf:
+        files = [(m.name, m.offset_data, m.size) for m in tf.getmembers() if m.isreg()]
+    return {"ztoc": ztoc, "digest": digest, "tar": tar.read_bytes(), "files": files}
+
+
+def test_heads_of_big_files_are_fetched_ahead_with_background_fetch(tmp_path, big_files, registry):
+    b = Blobs(registry, big_files["digest"])
+    cfg = config()
+    cfg.background_fetch.disable = False
+    cfg.background_fetch.silence_period_msec = 60_000  # only the heads, not the rest, within this test
+    try:
+        with manager(big_files, tmp_path, b.fetch, cfg) as m:
+            heads = m.head_spans()
+            models = [(off, size) for name, off, size in big_files["files"] if name.startswith("model")]
+            assert heads == [m.spans_of(off, 1)[0] for off, _ in models]
+            assert all(m.span_range(s)[1] - m.span_range(s)[0] < SPAN // 2 for s in heads)
+            m.start_background_fetch()
+            deadline = time.monotonic() + 20
+            while not all(m.is_cached(s) for s in heads) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert [s for s in range(m.num_spans) if m.is_cached(s)] == heads
+            fetched = m.stats.spans_fetched
+            assert fetched == len(heads)
+            tar = big_files["tar"]
+            for off, _ in models:  # each head is served from the cache: no more fetches
+                assert m.read(off, 4096) == tar[off:off + 4096]
+            assert m.stats.spans_fetched == fetched
+        cfg.background_fetch.disable = True
+        with manager(big_files, tmp_path / "off", b.fetch, cfg) as m:
+            m.start_background_fetch()
+            time.sleep(0.5)
+            assert m.stats.spans_fetched == 0
+    finally:
+        b.close()

@@ -7,7 +7,7 @@ import logging
 import re
 import stat
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 
 from ..ztoc import codec
@@ -163,6 +163,13 @@ class InodeTable:
 
     def __len__(self) -> int:
         return len(self.mode) - 1
+
+    def regular_files(self) -> Iterator[tuple[int, int]]:
+        """(data offset in the layer, size) of every regular file, each inode once."""
+        mode, size, offset = self.mode, self.size, self.offset
+        for ino in range(len(mode)):
+            if mode[ino] & 0o170000 == 0o100000:
+                yield offset[ino], size[ino]
 
     def valid(self, ino: int) -> bool:
         return 0 < ino < len(self.mode)

@@ -461,7 +461,7 @@ class LayerServer:
         self.write_state()
         start_bg = getattr(self.reader, "start_background_fetch", None)
         if start_bg is not None:
-            start_bg()
+            start_bg(self.fs.table.regular_files)
         self._tell_parent("ok")
         log.info("ready")
 

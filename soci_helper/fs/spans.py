@@ -16,7 +16,7 @@ from ..config import BlobConfig, Config
 from ..errors import SociError
 from ..store.spancache import SpanCache
 from ..ztoc.extract import extract_span
-from ..ztoc.model import Ztoc
+from ..ztoc.model import REG, Ztoc
 from ..ztoc.reader import parse_zinfo
 from .stats import MountStats
 
@@ -70,6 +70,8 @@ class SpanManager:
     # one (a read crossing a span boundary); read-ahead spans wait in the on-disk cache instead.
     MEMORY_SPANS = 2
     MAX_MERGE_SPANS = 8
+    # Threads of their own for the heads of big files, so that demand reads never queue behind them.
+    HEAD_THREADS = 2
 
     stats: MountStats
 
@@ -203,11 +205,13 @@ class SpanManager:
             self._request(ahead, deadline, remember=False, inline_disk=False, skip_cached=True, merge=1)
 
     def _request(self, ids: Iterable[int], deadline: float, *, remember: bool, inline_disk: bool,
-                 skip_cached: bool = False, merge: int | None = None) -> dict[int, bytes | _Claim]:
+                 skip_cached: bool = False, merge: int | None = None,
+                 here: bool = False) -> dict[int, bytes | _Claim]:
         """Start loading `ids`: each maps to its bytes (already at hand) or the claim to wait on.
 
         inline_disk: look in the on-disk cache in this thread first (cheap, never hangs).
         skip_cached: spans present on disk are left out entirely (prefetch, background).
+        here: load them in this thread instead of the pool (returns when they are settled).
         """
         out: dict[int, bytes | _Claim] = {}
         mine: list[int] = []
@@ -240,6 +244,9 @@ class SpanManager:
             to_fetch.append(sid)
         for run in _runs(to_fetch, merge or self.MAX_MERGE_SPANS):
             claims = [out[sid] for sid in run]
+            if here:
+                self._load_run(run, claims, deadline, remember, not inline_disk)  # type: ignore[arg-type]
+                continue
             try:
                 self._pool.submit(self._load_run, run, claims, deadline, remember, not inline_disk)
             except RuntimeError:  # the pool is shut down: the manager was closed
@@ -430,12 +437,54 @@ class SpanManager:
         self._wait(span_id, item, deadline)
         return True
 
-    def start_background_fetch(self) -> None:
-        """Start fetching the remaining spans after a quiet period (unless background_fetch.disable)."""
+    def head_spans(self, files: Iterable[tuple[int, int]] | None = None) -> list[int]:
+        """Spans that hold little more than the head of a file of at least a span, in layer order.
+
+        `files`: (data offset, size) of the layer's regular files, if the caller has them (the zTOC a layer
+        server keeps has no file list); else the zTOC's. Only a zTOC built with head spans (`soci create
+        --head-span`) has such spans: in upstream's layout every span but the last is at least span_size."""
+        big = self.zinfo.span_size
+        if files is None:
+            files = ((f.uncompressed_offset, f.uncompressed_size) for f in self.ztoc.files if f.type == REG)
+        heads: set[int] = set()
+        for offset, size in files:
+            if size >= big:
+                sid = self.spans_of(offset, 1)[0]
+                if self._u_end[sid] - self._u_start[sid] < big // 2:
+                    heads.add(sid)
+        return sorted(heads)
+
+    def _fetch_heads(self, files: Callable[[], Iterable[tuple[int, int]]] | None) -> None:
+        heads = self.head_spans(files() if files is not None else None)
+        if not heads:
+            return
+        log.info("%s: fetching the heads of %d big files ahead", self.layer, len(heads))
+        others = [threading.Thread(target=self._fetch_spans_here, args=(heads[k::self.HEAD_THREADS],),
+                                   name="soci-heads", daemon=True) for k in range(1, self.HEAD_THREADS)]
+        for t in others:
+            t.start()
+        self._fetch_spans_here(heads[0::self.HEAD_THREADS])
+
+    def _fetch_spans_here(self, ids: list[int]) -> None:
+        for sid in ids:
+            if self._closed:
+                return
+            with contextlib.suppress(Exception):  # a failed head is fetched again by the read that needs it
+                self._request([sid], time.monotonic() + self.timeout, remember=False, inline_disk=False,
+                              skip_cached=True, here=True)
+
+    def start_background_fetch(self, files: Callable[[], Iterable[tuple[int, int]]] | None = None) -> None:
+        """Start fetching the heads of big files at once and the remaining spans after a quiet period
+        (neither with background_fetch.disable); `files` lists the layer's regular files for head_spans.
+
+        A big file's head (a model's header, an ELF header, an archive's first entry) is what a program
+        opening it reads first; with head spans in the zTOC they are short, so fetching them all ahead
+        costs little and spares a start that opens many big files one round trip per file."""
         from .background import BackgroundFetcher
 
         if self._closed or self.config.background_fetch.disable or self._background is not None:
             return
+        threading.Thread(target=self._fetch_heads, args=(files,), name="soci-heads", daemon=True).start()
         bg = BackgroundFetcher(self.config.background_fetch)
         bg.add(self)
         bg.start()
