@@ -64,10 +64,13 @@ class Spare:
             self.proc.stdout.close()
 
     def _discard(self) -> None:
-        # Unused: end of input makes it exit; its log is still empty and goes too.
+        # Unused, it holds nothing: stop it at once rather than wait for its imports to end and its log,
+        # still empty, goes too.
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
+        with contextlib.suppress(OSError):
+            self.proc.kill()
         self._reap()
         with contextlib.suppress(OSError):
             if self.log_file.stat().st_size == 0:

@@ -339,8 +339,14 @@ class SociDecider:
             _remember(self._indexes, key, (found, time.monotonic() + NO_INDEX_TTL), IMAGE_CACHE_SIZE)
         return found
 
-    def _may_mount(self, manifest_digest: str | None, explicit: str | None) -> bool:
-        """False when this image is already known to have no index to mount from."""
+    def _lazy(self, desc: Descriptor, found: FoundIndex) -> si.ZtocRef | None:
+        """The zTOC to mount this layer with, None if it is unpacked here instead."""
+        z = found.index.ztoc_for_layer(desc.digest)
+        return z if z is not None and desc.size >= self.config.snapshotter.min_layer_size else None
+
+    def _may_mount(self, ref: Reference, layer: str, manifest_digest: str | None, explicit: str | None) -> bool:
+        """Whether a lazy mount of this layer or a later one of its image may follow: False once the image is
+        known to have no index, or this and its later layers are all unpacked here."""
         modes = self.config.pull_modes
         if not (modes.soci_v1.enable or modes.soci_v2.enable or explicit):
             return False
@@ -348,7 +354,14 @@ class SociDecider:
             return True
         with self._lock:
             hit = self._indexes.get((manifest_digest, explicit or ""))
-        return hit is None or hit[0] is not None
+            info = self._images.get(f"{ref.name}@{manifest_digest}")
+        if hit is None or info is None:
+            return True  # the image's first Prepare: nothing known yet
+        found = hit[0]
+        if found is None:
+            return False
+        pos = next((i for i, d in enumerate(info.layers) if d.digest == layer), 0)
+        return any(self._lazy(d, found) is not None for d in info.layers[pos:])
 
     # --- the hook -----------------------------------------------------------------------
 
@@ -369,7 +382,7 @@ class SociDecider:
         for d in filter(None, labels.get(IMAGE_LAYERS_LABEL, "").split(",")):
             if not _is_digest(d.strip()):
                 raise SnapshotInvalid(f"label {IMAGE_LAYERS_LABEL}: {d[:80]!r} is not a sha256 digest")
-        if self._may_mount(manifest_digest, explicit):
+        if self._may_mount(ref, layer, manifest_digest, explicit):
             self.spares.warm()  # a lazy mount may follow: the spare starts while the index is looked up
         try:
             with self._once(ref.name):
@@ -392,15 +405,14 @@ class SociDecider:
             raise SnapshotInvalid(f"layer {layer} is at chainID {info.chain_ids[pos]} in image "
                                   f"{info.manifest_digest}, but Prepare targets {req.target}")
         desc = info.layers[pos]
-        z = found.index.ztoc_for_layer(layer)
-        min_size = self.config.snapshotter.min_layer_size
-        more = any(d.size >= min_size and found.index.ztoc_for_layer(d.digest) is not None
-                   for d in info.layers[pos + 1:])
-        if z is not None and desc.size >= min_size:
+        z = self._lazy(desc, found)
+        more = any(self._lazy(d, found) is not None for d in info.layers[pos + 1:])
+        if z is not None:
             return self._mount(req, info, desc, z, more)
         if not more:
             self.spares.drop()
-        why = "no zTOC" if z is None else f"smaller than min_layer_size {min_size}"
+        min_size = self.config.snapshotter.min_layer_size
+        why = "no zTOC" if found.index.ztoc_for_layer(layer) is None else f"smaller than min_layer_size {min_size}"
         return self._unpack(req, info, pos, why)
 
     def _mount(self, req: LayerRequest, info: ImageInfo, desc: Descriptor, z: si.ZtocRef,
