@@ -190,7 +190,8 @@ def _discover(req: MountRequest, store: object, image: str) -> str:
     from ..index.discover import discover
     from ..oci.source import SourceOptions
 
-    found = discover(image, SourceOptions(plain_http=req.plain_http), store)  # type: ignore[arg-type]
+    found = discover(image, SourceOptions(plain_http=req.plain_http), store,  # type: ignore[arg-type]
+                     check_entries=False)  # the table build that follows checks the entries
     for z in found.index.ztocs:
         if z.layer_digest == req.layer_digest:
             return z.digest

@@ -319,8 +319,9 @@ class SociDecider:
                     log.info("image %s: both SOCI pull modes are disabled", info.manifest_digest)
                     return None
                 try:
+                    # Each layer server checks its zTOC's entries as it builds its table; here, the header.
                     d = discover(str(info.reference), self._source_opts(info.reference), store,
-                                 explicit_index_digest=explicit, image=image)
+                                 explicit_index_digest=explicit, image=image, check_entries=False)
                 except NotFound as exc:
                     if explicit:
                         raise SnapshotPrecondition(f"SOCI index {explicit} named by the label: {exc}") from None
