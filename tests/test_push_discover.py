@@ -496,3 +496,53 @@ def test_multi_platform_push_and_discovery_per_platform(tmp_path, registry):
     # One platform only: the other's index is not touched.
     r = soci(root, "push", "--plain-http", "-p", "linux/arm64/v8", "--existing-index", "skip", ref)
     assert r.stdout.count("skipping pushing artifacts") == 1
+
+
+def test_discovery_for_a_mount_leaves_the_entries_to_the_mount(tmp_path, registry, image, built, repo, client):
+    """A zTOC whose header is sound but whose entries are not: `soci index pull` refuses it in one line;
+    discovery for a mount (check_entries=False) takes it, as the layer server checks entries when it builds
+    its table. A blob that is no zTOC at all is refused either way."""
+    from soci_helper.ztoc import codec
+
+    ref = repo("k")
+    name = "test/k"
+    b = built[0]
+    good = b["index"].ztocs[0]
+    store = _store(b["root"])
+    try:
+        ztoc = codec.decode(store.content.read(good.digest))
+    finally:
+        store.close()
+    victim = next(f for f in ztoc.files if f.type == "reg" and f.uncompressed_size)
+    victim.uncompressed_offset = ztoc.uncompressed_archive_size + 1  # data outside the archive
+    bad_entries = codec.encode(ztoc)
+    not_a_ztoc = b'{"this": "is json"}'
+    client.push_blob(name, si.EMPTY_CONFIG_DIGEST, 2, si.EMPTY_CONFIG)
+
+    def publish(blob: bytes) -> str:
+        digest = sha(blob)
+        client.push_blob(name, digest, len(blob), blob)
+        z = si.ZtocRef(digest, len(blob), good.layer_digest, good.layer_media_type, good.span_size)
+        index = si.SociIndex(si.ARTIFACT_TYPE_V1, [z], b["index"].build_tool,
+                             subject={"mediaType": si.MEDIA_TYPE_OCI_MANIFEST, "digest": image["digest"],
+                                      "size": _image_size(client, ref)})
+        raw = si.serialize(index)
+        client.put_manifest(name, sha(raw), raw, si.MEDIA_TYPE_OCI_MANIFEST)
+        assert add_referrer(client, name, image["digest"], raw)
+        return sha(raw)
+
+    explicit = publish(bad_entries)
+    r = soci(tmp_path / "pull", "index", "pull", "--plain-http", "--soci-index-digest", explicit, ref, ok=False)
+    assert "lies outside the archive" in one_error_line(r)
+    store = _store(tmp_path / "mount")
+    try:
+        found = discover(ref, OPTS, store, explicit, check_entries=False)
+        assert found.digest == explicit and store.content.has(sha(bad_entries))
+        with pytest.raises(SociError, match="lies outside the archive"):
+            codec.decode(store.content.read(sha(bad_entries)))
+        junk = publish(not_a_ztoc)
+        with pytest.raises(SociError, match=sha(not_a_ztoc)):
+            discover(ref, OPTS, store, junk, check_entries=False)
+        assert not store.content.has(sha(not_a_ztoc))
+    finally:
+        store.close()
