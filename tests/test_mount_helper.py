@@ -560,6 +560,14 @@ def test_dead_or_unused_spares_leave_mounts_working_and_nothing_behind(env):
             mount_layer(_source(env, env["layers"][1]), env["dir"] / "no-such-dir", _opts(env),
                         root=str(env["root"]), spare=unused)
         assert unused.proc.returncode is not None and not unused.log_file.exists()
+        # So does one whose options cannot be parsed.
+        pool.warm()
+        refused = pool.take()
+        assert refused is not None
+        with pytest.raises(MountError):
+            mount_layer(_source(env, env["layers"][1]), env["dir"], "ro,nonsense", root=str(env["root"]),
+                        spare=refused)
+        assert refused.released and refused.proc.returncode is not None and not refused.log_file.exists()
         pool.warm()
         last = pool._spare
     finally:

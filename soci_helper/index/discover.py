@@ -173,7 +173,7 @@ def discover(image_ref: str, opts: SourceOptions, store: Store, explicit_index_d
     `image` is the platform image of `image_ref` when the caller has fetched (and verified) it already;
     `platform` is then ignored. Without `check_entries` only each zTOC's header and compression info are
     checked here, for a caller that is about to mount the layers (which decodes and checks the entries):
-    decoding a 30,000-entry zTOC twice cost a lazy start 0.4 s.
+    decoding python-scipy's 31,000-entry zTOC here as well cost a lazy start 0.38 s.
     """
     source = open_source(image_ref, opts)
     if not isinstance(source, RegistrySource):

@@ -393,7 +393,12 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], options: str = 
                 root: str | None = None, spare: Spare | None = None) -> MountResult:
     """Library entry: the same as `mount -t fuse.soci SOURCE MOUNTPOINT -o OPTIONS`; `spare` (see spares.py)
     becomes the layer's server if given."""
-    req = parse_argv([source, os.fspath(mountpoint), "-o", options])
+    try:
+        req = parse_argv([source, os.fspath(mountpoint), "-o", options])
+    except BaseException:
+        if spare is not None:
+            spare.release()
+        raise
     if root is not None:
         req.root = root
     result = mount(req, spare=spare)
