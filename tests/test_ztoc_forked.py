@@ -10,7 +10,7 @@ from test_codec import make_ztoc
 
 from soci_helper.errors import ZtocError
 from soci_helper.fs.inodes import InodeTable
-from soci_helper.ztoc import codec
+from soci_helper.ztoc import codec, forked
 from soci_helper.ztoc.forked import BATCH_ENTRIES, decode_raw_forked
 from soci_helper.ztoc.model import Ztoc
 
@@ -26,6 +26,12 @@ def no_child_left():
     before = _children()
     yield
     assert _children() <= before
+
+
+@pytest.fixture(autouse=True)
+def always_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the child: fork whatever the zTOC's size (see the last test for the threshold)."""
+    monkeypatch.setattr(forked, "FORK_MIN_TOC_BYTES", 0)
 
 
 def _many(count: int = 3 * BATCH_ENTRIES + 17) -> Ztoc:
@@ -80,3 +86,26 @@ def test_a_consumer_that_stops_early_leaves_no_child():
     _, entries = decode_raw_forked(data)
     assert next(entries)[0]
     entries.close()  # type: ignore[attr-defined]
+
+
+def test_only_a_big_table_is_decoded_in_a_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = codec.encode(_many())
+    head, _ = codec.decode_raw(data)
+    toc_bytes = len(data) - len(head.checkpoints)
+    forks: list[int] = []
+    real_fork = os.fork
+
+    def counting_fork() -> int:
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", counting_fork)
+    _, entries = decode_raw_forked(data, min_toc_bytes=toc_bytes + 1)  # a byte short of the threshold
+    assert forks == [] and len(list(entries)) == len(_many().files)
+    _, entries = decode_raw_forked(data, min_toc_bytes=toc_bytes)
+    assert forks == [1] and len(list(entries)) == len(_many().files)
+    # The module's threshold (put back here: the fixture set it to 0) keeps a 50-entry zTOC in process.
+    monkeypatch.setattr(forked, "FORK_MIN_TOC_BYTES", 512 << 10)
+    small = codec.encode(make_ztoc(count=50, seed=4))
+    _, entries = decode_raw_forked(small)
+    assert forks == [1] and len(list(entries)) == 50
