@@ -40,7 +40,8 @@ def add_image_parser(sub: Any) -> None:
                    help="containerd snapshotter to unpack into (default: %(default)s)")
     c.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label the image record")
     add_registry_flags(c)
-    c.set_defaults(func=cmd_rpull, needs_store=False)  # rpull writes to containerd, not to our store
+    # rpull writes to containerd, not to our store; quick_exit: see cli.main.entry
+    c.set_defaults(func=cmd_rpull, needs_store=False, quick_exit=True)
 
 
 def _short(digest: str) -> str:

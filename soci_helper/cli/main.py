@@ -7,6 +7,9 @@ Building the parser imports no command's machinery; each command imports what it
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -118,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(argv: Sequence[str] | None) -> tuple[int, argparse.Namespace | None]:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging("debug" if args.debug else "warning")
@@ -135,8 +138,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             store.close()
 
-    return run_main("soci", run)
+    return run_main("soci", run), args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv)[0]
+
+
+def entry() -> None:
+    """The `soci` command: main(), then exit. A command marked quick_exit leaves without finalising the
+    interpreter once its output is flushed: after `image rpull` has finished (all it writes is in containerd
+    by then), tearing down gRPC and requests took another 60 to 130 ms, which a script waiting for the pull
+    waits for too."""
+    code, args = _run(None)
+    if getattr(args, "quick_exit", False):
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
