@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..errors import SociError
-from .common import add_registry_flags, source_options
+from .common import add_registry_flags, default_root, source_options
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -92,6 +92,10 @@ def _labels(items: list[str]) -> dict[str, str]:
 
 
 def cmd_rpull(args: argparse.Namespace, store: Any = None) -> int:
+    from ..mount.hints import send
+
+    # First, before the imports below: the snapshotter starts a layer server while they load.
+    send(args.root or default_root())
     from ..containerd.rpull import RpullOptions, rpull
 
     opts = RpullOptions(snapshotter=args.snapshotter, index_digest=args.soci_index_digest, platform=args.platform,

@@ -25,6 +25,7 @@ from ..index import soci_index as si
 from ..index.discover import discover
 from ..index.ops import Store
 from ..mount.helper import force_unmount, mount_layer, soci_mounts_at
+from ..mount.hints import HintListener
 from ..mount.spares import SparePool
 from ..oci import mediatype as mt
 from ..oci.auth import resolve_credentials
@@ -209,12 +210,22 @@ class SociDecider:
         # A layer server takes about 0.15 s to start its interpreter and imports; a spare started when an image's
         # layers begin to arrive does that while the index is discovered and the previous layer mounts.
         self.spares = SparePool(self.root)
+        # `soci image rpull` says so as it starts: the spare's start then overlaps the client's own.
+        self.hints = HintListener(self.root, self._on_pull_hint)
+        self.hints.start()
 
     def close(self) -> None:
+        self.hints.close()
         self.spares.close()
         self.table.close()
 
     # --- helpers ------------------------------------------------------------------
+
+    def _on_pull_hint(self) -> None:
+        modes = self.config.pull_modes
+        if modes.soci_v1.enable or modes.soci_v2.enable:
+            log.debug("pull hint: starting a spare layer server")
+            self.spares.warm()
 
     @contextmanager
     def _once(self, key: str) -> Iterator[None]:
