@@ -32,9 +32,11 @@ from . import suite
 from . import workloads as wl
 
 MB = 1_000_000
-# Enough real files for one layer well above the 130 MB the issue asks for, yet quick to compress on 2 cores.
-SAMPLE_BYTES = 150 * MB
-MIN_SAMPLE_BYTES = 130 * MB
+# The benchmark's image has a gzip layer of at least 130 MB of real files: about 450 MB of libraries and
+# programs compress to that (2.9 : 1 here), and pigz makes it in ten seconds on 2 cores.
+SAMPLE_BYTES = 450 * MB
+MIN_SAMPLE_BYTES = 130 * MB  # of files: what the demo insists on; the benchmark wants MIN_SAMPLE_GZIP
+MIN_SAMPLE_GZIP = 130 * MB
 REPO, TAG = "demo/sample", "latest"
 READY = "hello from a container of the soci-helper sample image"
 SCRIPT = "/demo/run.sh"
@@ -64,7 +66,7 @@ def sample_roots() -> list[str]:
     """Directories of real files present on any Debian 12 with this project's packages, most useful first."""
     stdlib = sysconfig.get_paths()["stdlib"].lstrip("/")
     multiarch = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
-    return [stdlib, "usr/lib/gcc", f"usr/lib/{multiarch}", "usr/share/perl", "usr/bin"]
+    return [stdlib, "usr/lib/gcc", f"usr/lib/{multiarch}", "usr/share/perl", "usr/bin", "usr/libexec", "usr/share"]
 
 
 @dataclass
@@ -445,6 +447,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         progress("== sample image")
         image = build_sample_image(work / "image")
+        if image.big_blob < MIN_SAMPLE_GZIP:
+            print(f"soci-bench e2e: error: the sample layer is {image.big_blob / MB:.0f} MB gzip, the benchmark "
+                  f"needs {MIN_SAMPLE_GZIP / MB:.0f} MB: too few files under /{', /'.join(sample_roots())}",
+                  file=sys.stderr)
+            return 1
         res = Results(image, args.runs)
         regdir = work / "registry"
         progress("== registry: push, soci create, soci push")
