@@ -65,6 +65,20 @@ def test_tags_delete_and_referrers(client: RegistryClient) -> None:
         client.delete_manifest("cl/tags", d1)
 
 
+def test_a_registry_without_referrers_keeps_the_connection(reg: LocalRegistry,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    # Discovery asks the referrers API, then falls back to the tag: the 404 must not cost a new connection.
+    with RegistryClient(reg.host, RegistryOptions(plain_http=True)) as c:
+        d1 = _manifest(c, "cl/conn", "one")
+        with caplog.at_level(logging.DEBUG, logger="urllib3.connectionpool"):
+            for _ in range(3):
+                assert c.get_referrers("cl/conn", d1, "application/vnd.amazon.soci.index.v1+json") is None
+                assert c.get_manifest("cl/conn", "one")[1].digest == d1
+        messages = [r.getMessage() for r in caplog.records if r.name == "urllib3.connectionpool"]
+        assert sum("GET /v2/cl/conn/" in m for m in messages) == 6
+        assert not any("dropped connection" in m or "new HTTP connection" in m for m in messages), messages
+
+
 def test_ranges_and_merged_ranges(client: RegistryClient, reg: LocalRegistry) -> None:
     assert client.get_blob_range("cl/blob", BLOB_DIGEST, 5, 10) == BLOB[5:15]
     assert client.get_blob_range("cl/blob", BLOB_DIGEST, len(BLOB) - 3, 10) == BLOB[-3:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import bisect
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -40,6 +41,8 @@ CHUNK = 4 << 20
 DEFAULT_TIMEOUT = (10.0, 120.0)  # (connect, read) seconds
 # Manifests are small; a registry sending more is broken or hostile.
 MAX_MANIFEST_BYTES = 4 << 20
+# An error body up to this size is read, so that its connection stays in the pool.
+MAX_ERROR_BODY = 64 << 10
 # Blobs at least this big are uploaded in PATCH chunks of UPLOAD_CHUNK bytes.
 CHUNKED_UPLOAD_THRESHOLD = 256 << 20
 UPLOAD_CHUNK = 32 << 20
@@ -1057,6 +1060,12 @@ class RegistryClient:
                           headers={"Accept": mt.OCI_INDEX}, stream=True)
         try:
             if r.status_code in (404, 405, 400):
+                # Read the short error body: an unread one makes the pool drop the connection, and the
+                # tag lookup that follows would pay for a new one (a round trip more on a remote registry).
+                length = r.headers.get("Content-Length", "")
+                if length.isdigit() and int(length) <= MAX_ERROR_BODY:
+                    with contextlib.suppress(*_TRANSFER_ERRORS, OSError):
+                        _ = r.content
                 return None
             if r.status_code != 200:
                 raise self._error(r, what)
