@@ -618,3 +618,26 @@ def test_heads_of_big_files_are_fetched_as_soon_as_the_layer_is_mounted(env, tmp
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
         assert wait_servers_gone(root)
+
+
+def test_a_layer_missing_from_the_registry_fails_the_mount_with_or_without_a_spare(env):
+    """The server checks the blob (a HEAD) while it builds the table; a missing blob is a failed mount either way."""
+    from soci_helper.mount.helper import MountError, mount_layer, soci_mounts_at
+    from soci_helper.mount.spares import SparePool
+
+    pool = SparePool(env["root"])
+    try:
+        for use_spare in (True, False):
+            if use_spare:
+                pool.warm()
+            spare = pool.take() if use_spare else None
+            mnt = env["dir"] / f"missing-{use_spare}"
+            mnt.mkdir()
+            with pytest.raises(MountError, match=r"is not in .*/test/elsewhere") as err:
+                mount_layer(_source(env, env["layers"][1], repo="test/elsewhere"), mnt, _opts(env),
+                            root=str(env["root"]), spare=spare)
+            assert str(err.value).count("\n") == 0
+            assert soci_mounts_at(str(mnt)) == 0 and not any(mnt.iterdir())
+    finally:
+        pool.close()
+    assert wait_servers_gone(env["root"])
