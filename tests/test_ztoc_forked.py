@@ -11,7 +11,7 @@ from test_codec import make_ztoc
 from soci_helper.errors import ZtocError
 from soci_helper.fs.inodes import InodeTable
 from soci_helper.ztoc import codec, forked
-from soci_helper.ztoc.forked import BATCH_ENTRIES, decode_raw_forked
+from soci_helper.ztoc.forked import BATCH_ENTRIES, decode_raw_forked, decodes_in_child
 from soci_helper.ztoc.model import Ztoc
 
 
@@ -43,7 +43,13 @@ def test_same_entries_as_decode_raw_across_batches():
     head, serial = codec.decode_raw(data)
     fhead, forked = decode_raw_forked(data)
     assert fhead == head
-    assert list(forked) == list(serial)
+    serial_entries = list(serial)
+    assert list(forked) == serial_entries
+    # A caller that decoded the header already hands it over; the entries still come from the child.
+    again = codec.decode_raw(data)
+    assert decodes_in_child(data, again[0])
+    dhead, dentries = decode_raw_forked(data, decoded=again)
+    assert dhead is again[0] and dentries is not again[1] and list(dentries) == serial_entries
 
 
 def test_an_entry_error_after_some_batches_is_the_same_error():
@@ -100,6 +106,7 @@ def test_only_a_big_table_is_decoded_in_a_child(monkeypatch: pytest.MonkeyPatch)
         return real_fork()
 
     monkeypatch.setattr(os, "fork", counting_fork)
+    assert not decodes_in_child(data, head, toc_bytes + 1) and decodes_in_child(data, head, toc_bytes)
     _, entries = decode_raw_forked(data, min_toc_bytes=toc_bytes + 1)  # a byte short of the threshold
     assert forks == [] and len(list(entries)) == len(_many().files)
     _, entries = decode_raw_forked(data, min_toc_bytes=toc_bytes)

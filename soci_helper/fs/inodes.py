@@ -112,12 +112,17 @@ class InodeTable:
 
     @classmethod
     def from_bytes(cls, data: bytes, on_warning: Callable[[str], None] | None = None, *,
-                   forked: bool = False) -> tuple[InodeTable, Ztoc]:
+                   forked: bool = False,
+                   decoded: tuple[Ztoc, Iterator[codec.RawEntry]] | None = None) -> tuple[InodeTable, Ztoc]:
         """(table, zTOC without its entries) straight from a zTOC flatbuffer: no FileMetadata objects.
 
         forked: decode the entries in a forked child while this process builds (a second core; only from a
-        single-threaded process). Raises ZtocError like codec.decode() for a malformed or inconsistent buffer."""
-        head, entries = forked_decode_raw(data) if forked else codec.decode_raw(data)
+        single-threaded process). decoded: codec.decode_raw(data), if the caller has it already. Raises
+        ZtocError like codec.decode() for a malformed or inconsistent buffer."""
+        if forked:
+            head, entries = forked_decode_raw(data, decoded=decoded)
+        else:
+            head, entries = decoded if decoded is not None else codec.decode_raw(data)
         table = cls.__new__(cls)
         table._start(head.uncompressed_archive_size, on_warning)
         try:

@@ -222,14 +222,14 @@ def _warn(msg: str) -> None:
 
 
 def _build_table(store: Any, ztoc_digest: str, on_warning: Callable[[str], None] = _warn,
-                 data: bytes | None = None) -> tuple[Any, Ztoc]:
+                 data: bytes | None = None, decoded: Any = None) -> tuple[Any, Ztoc]:
     from .inodes import InodeTable
 
     # Straight from the flatbuffer into the table's arrays: no per-entry objects survive the build, and
     # the zTOC keeps only what spans need (its compression info). Forked decoding: every caller is a
     # single-threaded process (a builder child, or a server with no other thread while it builds).
     raw = store.read(ztoc_digest) if data is None else data
-    return InodeTable.from_bytes(raw, on_warning=on_warning, forked=True)
+    return InodeTable.from_bytes(raw, on_warning=on_warning, forked=True, decoded=decoded)
 
 
 def _reap_quietly(pid: int) -> None:
@@ -246,7 +246,9 @@ class _TableBuild:
 
     def __init__(self, pid: int, rfd: int, store: Any, ztoc_digest: str, where: str) -> None:
         self.pid, self.rfd, self.store, self.ztoc_digest, self.where = pid, rfd, store, ztoc_digest, where
+        # An in-process build: the zTOC and its decoded header, read by start() to know forks_later.
         self.data: bytes | None = None
+        self.decoded: Any = None
         # Whether result() will fork (to decode a big table's entries): no other thread may run then.
         self.forks_later = False
 
@@ -260,8 +262,8 @@ class _TableBuild:
 
         build = cls(-1, -1, store, ztoc_digest, "in process")
         build.data = store.read(ztoc_digest)
-        head, _ = codec.decode_raw(build.data)
-        build.forks_later = len(build.data) - len(head.checkpoints) >= forked_decode.FORK_MIN_TOC_BYTES
+        build.decoded = codec.decode_raw(build.data)
+        build.forks_later = forked_decode.decodes_in_child(build.data, build.decoded[0])
         return build
 
     @classmethod
@@ -270,8 +272,8 @@ class _TableBuild:
 
     def result(self) -> tuple[Any, Ztoc]:
         if self.rfd < 0:
-            data, self.data = self.data, None
-            return _build_table(self.store, self.ztoc_digest, data=data)
+            data, decoded, self.data, self.decoded = self.data, self.decoded, None, None
+            return _build_table(self.store, self.ztoc_digest, data=data, decoded=decoded)
         import pickle
 
         from .inodes import InodeTable

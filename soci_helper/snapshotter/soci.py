@@ -207,8 +207,9 @@ class SociDecider:
         self._key_locks: dict[str, tuple[threading.Lock, list[int]]] = {}
         self._images: dict[str, ImageInfo] = {}
         self._indexes: dict[tuple[str, str], tuple[FoundIndex | None, float]] = {}
-        # A layer server takes about 0.15 s to start its interpreter and imports; a spare started when an image's
-        # layers begin to arrive does that while the index is discovered and the previous layer mounts.
+        # A layer server takes 0.15 to 0.3 s (more while a client competes for the cores) to start its interpreter
+        # and imports; a spare started when a pull begins does that while the index is discovered and the
+        # previous layer mounts.
         self.spares = SparePool(self.root)
         # `soci image rpull` says so as it starts: the spare's start then overlaps the client's own.
         self.hints = HintListener(self.root, self._on_pull_hint)
@@ -221,9 +222,12 @@ class SociDecider:
 
     # --- helpers ------------------------------------------------------------------
 
-    def _on_pull_hint(self) -> None:
+    def _lazy_modes_on(self) -> bool:
         modes = self.config.pull_modes
-        if modes.soci_v1.enable or modes.soci_v2.enable:
+        return modes.soci_v1.enable or modes.soci_v2.enable
+
+    def _on_pull_hint(self) -> None:
+        if self._lazy_modes_on():
             log.debug("pull hint: starting a spare layer server")
             self.spares.warm()
 
@@ -325,8 +329,7 @@ class SociDecider:
         try:
             found = self._local_index(store, info, explicit)
             if found is None:
-                modes = self.config.pull_modes
-                if not (modes.soci_v1.enable or modes.soci_v2.enable) and not explicit:
+                if not self._lazy_modes_on() and not explicit:
                     log.info("image %s: both SOCI pull modes are disabled", info.manifest_digest)
                     return None
                 try:
@@ -359,8 +362,7 @@ class SociDecider:
     def _may_mount(self, ref: Reference, layer: str, manifest_digest: str | None, explicit: str | None) -> bool:
         """Whether a lazy mount of this layer or a later one of its image may follow: False once the image is
         known to have no index, or this and its later layers are all unpacked here."""
-        modes = self.config.pull_modes
-        if not (modes.soci_v1.enable or modes.soci_v2.enable or explicit):
+        if not (self._lazy_modes_on() or explicit):
             return False
         if manifest_digest is None:
             return True

@@ -24,16 +24,25 @@ BATCH_ENTRIES = 1024
 FORK_MIN_TOC_BYTES = 512 << 10
 
 
-def decode_raw_forked(data: bytes, min_toc_bytes: int | None = None) -> tuple[Ztoc, Iterator[codec.RawEntry]]:
+def decodes_in_child(data: bytes, head: Ztoc, min_toc_bytes: int | None = None) -> bool:
+    """Whether decode_raw_forked would fork for this zTOC (`head`: its decode_raw header): when its bytes
+    besides the checkpoints reach min_toc_bytes (default FORK_MIN_TOC_BYTES)."""
+    return len(data) - len(head.checkpoints) >= (FORK_MIN_TOC_BYTES if min_toc_bytes is None else min_toc_bytes)
+
+
+def decode_raw_forked(data: bytes, min_toc_bytes: int | None = None,
+                      decoded: tuple[Ztoc, Iterator[codec.RawEntry]] | None = None
+                      ) -> tuple[Ztoc, Iterator[codec.RawEntry]]:
     """codec.decode_raw, with the entries decoded by a forked child while the caller consumes them.
 
     Same contract: ZtocError from the call for the header and from the iterator for an entry,
     UnorderedEntries from the iterator at the end. Falls back to decode_raw where fork is not possible or
-    the entries are few: min_toc_bytes (default FORK_MIN_TOC_BYTES) is the least size of the zTOC besides
-    its checkpoints that is decoded in a child. Call it from a single-threaded process (the child is a fork).
+    the entries are few (see decodes_in_child). `decoded`: what codec.decode_raw(data) returned, entries not
+    yet read, for a caller that needed the header first. Call it from a single-threaded process (the child
+    is a fork).
     """
-    head, entries = codec.decode_raw(data)
-    if len(data) - len(head.checkpoints) < (FORK_MIN_TOC_BYTES if min_toc_bytes is None else min_toc_bytes):
+    head, entries = decoded if decoded is not None else codec.decode_raw(data)
+    if not decodes_in_child(data, head, min_toc_bytes):
         return head, entries
     try:
         r, w = os.pipe()
