@@ -148,38 +148,71 @@ def test_every_file_equals_the_tar_and_a_second_mount_reads_the_cache(tmp_path, 
     assert blobs.calls == fetched
 
 
-def test_read_buffer_is_a_view_inside_a_span_and_joined_across_spans(tmp_path, layer, blobs):
+def test_read_buffer_serves_part_of_a_span_and_joins_across_spans(tmp_path, layer, blobs):
     _, off, size = small_file(layer)
     with manager(layer, tmp_path, blobs.fetch) as m:
-        view = m.read_buffer(off, size)
-        # A view into the span: the FUSE reply copies it once, nothing before it does.
-        assert isinstance(view, memoryview) and view == layer["tar"][off:off + size]
+        part = m.read_buffer(off, size)
+        assert isinstance(part, (bytes, memoryview)) and part == layer["tar"][off:off + size]
         edge = m.span_range(1)[0]
         across = m.read_buffer(edge - 100, 200)
         assert bytes(across) == layer["tar"][edge - 100:edge + 100]
         assert m.read(off, size) == layer["tar"][off:off + size] and type(m.read(off, size)) is bytes
 
 
-def test_released_memory_is_read_back_from_the_disk_cache(tmp_path, layer, blobs):
+def test_spans_are_served_from_the_disk_cache_not_kept_in_memory(tmp_path, layer, blobs):
     _, off, size = small_file(layer)
     with manager(layer, tmp_path, blobs.fetch) as m:
+        sid = m.zinfo.span_of(off)
+        assert not m.ready(off, size)
         assert m.read(off, size) == layer["tar"][off:off + size]
-        assert m.in_memory(off, size)
-        m.release_memory()
-        assert not m.in_memory(off, size)
+        # Inflated into the cache, read back from it; the entry stays open, so the next read is one pread.
+        assert not m._mem and m.is_cached(sid) and m.ready(off, size)
         hits = m.stats.cache_hits
         assert m.read(off, size) == layer["tar"][off:off + size]
         assert m.stats.cache_hits == hits + 1 and m.stats.spans_fetched == 1
+    # Another process's view: the entry is on disk but not open.
+    with manager(layer, tmp_path, blobs.fetch) as again:
+        assert not again.ready(off, size)
+        assert again.read(off, size) == layer["tar"][off:off + size]
+        assert again.stats.spans_fetched == 0 and again.stats.cache_hits == 1
+
+
+def test_spans_the_cache_refuses_are_kept_in_memory(tmp_path, layer, blobs):
+    _, off, size = small_file(layer)
+    cache = SpanCache(tmp_path, max_size=1 << 10)  # smaller than any span
+    with SpanManager(layer["ztoc"], layer["digest"], blobs.fetch, cache, config()) as m:
+        assert m.read(off, size) == layer["tar"][off:off + size]
+        assert m.ready(off, size) and not m.is_cached(m.zinfo.span_of(off))
+        assert m.read(off, size) == layer["tar"][off:off + size] and m.stats.spans_fetched == 1
+        m.release_memory()
+        assert not m.ready(off, size)
+        assert m.read(off, size) == layer["tar"][off:off + size] and m.stats.spans_fetched == 2
+
+
+class EvictingCache(SpanCache):
+    """Another process evicts every entry the moment it is written."""
+
+    def _adopt(self, p, fd, length, crcs):
+        super()._adopt(p, fd, length, crcs)
+        p.unlink()
+        self._forget(p)
+
+
+def test_a_span_evicted_right_after_its_load_is_loaded_again_into_memory(tmp_path, layer, blobs):
+    _, off, size = small_file(layer)
+    with SpanManager(layer["ztoc"], layer["digest"], blobs.fetch, EvictingCache(tmp_path), config()) as m:
+        assert m.read(off, size) == layer["tar"][off:off + size]
+        assert m.stats.spans_fetched == 2 and m.ready(off, size)
 
 
 def test_small_cold_file_fetches_at_most_two_spans_in_one_request(tmp_path, layer, blobs):
     name, off, size = small_file(layer)
     with manager(layer, tmp_path, blobs.fetch) as m:
         sid = m.zinfo.span_of(off)
-        assert not m.in_memory(off, size)
+        assert not m.ready(off, size)
         assert m.read(off, size) == layer["tar"][off:off + size]
-        # The filesystem serves such reads without a thread hop; a span never read is not in memory.
-        assert m.in_memory(off, size) and not m.in_memory(m.span_range(sid + 2)[0], 1)
+        # The filesystem serves such reads without a thread hop; a span never read is not ready.
+        assert m.ready(off, size) and not m.ready(m.span_range(sid + 2)[0], 1)
         gets = blobs.requests()
         assert len(gets) == 1 and gets[0].status == 206
         assert gets[0].size == compressed_len(m, sid)
@@ -237,6 +270,26 @@ def test_damaged_cache_entry_is_refetched(tmp_path, layer, blobs):
         assert m.read(ue - 1, 1) == layer["tar"][ue - 1:ue]
         assert m.stats.spans_fetched == 1 and m.stats.cache_hits == 0
     assert p.read_bytes()[-1] == layer["tar"][ue - 1]
+
+
+def test_damage_to_an_open_entry_is_caught_by_the_block_checksum(tmp_path, layer, blobs, caplog):
+    name, off, size = small_file(layer)
+    with manager(layer, tmp_path, blobs.fetch) as m:
+        m.read(off, size)
+        sid = m.zinfo.span_of(off)
+        us, ue = m.span_range(sid)
+        assert m.ready(ue - 1, 1)
+        # Flipped in place: the server's open descriptor sees it too.
+        with open(m.cache.path(m.layer, us, ue - us), "r+b") as f:
+            f.seek(-1, 2)
+            last = f.read(1)[0]
+            f.seek(-1, 2)
+            f.write(bytes([last ^ 0xFF]))
+        with caplog.at_level("WARNING", logger="soci_helper.store.spancache"):
+            # (Limited to the span, so that no read-ahead joins in.)
+            assert m.read(ue - 1, 1, ahead_limit=ue) == layer["tar"][ue - 1:ue]
+        assert m.stats.spans_fetched == 2
+        assert any("checksum mismatch" in r.getMessage() for r in caplog.records)
 
 
 def test_registry_outage_fails_within_the_bound_and_recovers(tmp_path, layer, registry, monkeypatch):

@@ -29,7 +29,7 @@ class SpanReader(Protocol):
 
     def read_buffer(self, offset: int, length: int, ahead_limit: int | None = None) -> bytes | memoryview: ...
 
-    def in_memory(self, offset: int, length: int) -> bool: ...
+    def ready(self, offset: int, length: int) -> bool: ...
 
 
 def _erofs() -> pyfuse3.FUSEError:
@@ -170,8 +170,8 @@ class LayerFS(pyfuse3.Operations):
         file_end = t.offset[fh] + fsize
         try:
             # A view where it can be: pyfuse3 copies it into the reply, so a copy here would be a second one.
-            if self.reader.in_memory(start, n):
-                # Bytes already inflated in memory: a thread hop would cost more than the copy.
+            if self.reader.ready(start, n):
+                # In memory or one pread of a file in use: a thread hop would cost more than the read.
                 return self.reader.read_buffer(start, n, file_end)  # type: ignore[return-value]
             return await trio.to_thread.run_sync(self.reader.read_buffer, start, n, file_end)  # type: ignore[return-value]
         except SociError as exc:

@@ -35,10 +35,11 @@ AT_REST_AFTER_SEC = 2 * STATS_PERIOD_SEC + 1.0
 # Measured on 1, 2, 4, 8 and 16 MiB (soci-bench fs reads): 4 MiB was best; beyond it, bigger only added noise.
 READ_AHEAD_KB = 4096
 THREAD_STACK = 512 << 10
-# Spans are 4 MiB buffers made and freed all the time. By default glibc gives each back to the kernel on free
-# (mmap, or a heap trim) and the next one is page-faulted in afresh, a few ms per span. Keeping up to this
-# much freed heap for reuse took reads after drop_caches from 822 to 1133 MB/s and first reads from 231 to
-# 256 MB/s (soci-bench fs reads, 5 interleaved runs; 16 MiB did worse); the at-rest trim hands it all back.
+# Compressed spans (a MiB or so) and read buffers (128 KiB and up) are made and freed all the time. By default
+# glibc gives each back to the kernel on free (mmap, or a heap trim) and the next one is page-faulted in afresh:
+# a 160 KiB pread costs 28 us so against 13 us with freed heap kept. (When the server still kept 4 MiB spans
+# in memory, keeping up to this much took reads after drop_caches from 822 to 1133 MB/s; 16 MiB did worse.)
+# The at-rest trim hands it all back.
 MALLOC_KEEP = 32 << 20
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

@@ -15,7 +15,7 @@ from .. import digest as dg
 from ..config import BlobConfig, Config
 from ..errors import SociError
 from ..store.spancache import SpanCache
-from ..ztoc.extract import extract_span
+from ..ztoc.extract import extract_span, inflate_span_into
 from ..ztoc.model import REG, Ztoc
 from ..ztoc.reader import parse_zinfo
 from .stats import MountStats
@@ -52,23 +52,27 @@ class SpanManager:
     `fetch(offset, length)` returns exactly `length` bytes of the compressed blob at `offset`;
     `fetch_many(ranges)` (optional) fetches several (offset, length) ranges, merging adjacent ones
     into one request. Spans are verified against the zTOC's span digests, inflated from their
-    checkpoints and kept in the shared on-disk `cache` plus a few in memory.
+    checkpoints straight into the shared on-disk `cache`, and read back from it range by range (the
+    cache checks every block it returns): the server holds no inflated span in memory, except the few
+    the cache refused (disk full), kept so that they are served all the same.
 
     Concurrency: a span is loaded once per manager (claims with futures), once per cache across
     managers and processes (the cache's per-span file lock, with a re-check after taking it).
     Fetching runs on a small thread pool, so a reader can always give up at its deadline.
 
-    Counters: `cache_hits` / `cache_misses` count spans looked up in the on-disk cache (the
-    in-memory spans are not counted); `bytes_fetched` counts compressed bytes received, retries
-    included; `bytes_served` counts what `read` returned.
+    Counters: `cache_hits` counts spans a read found in the on-disk cache (once per read and span),
+    `cache_misses` spans that had to be fetched; `bytes_fetched` counts compressed bytes received,
+    retries included; `bytes_served` counts what `read` returned.
     """
 
     # Tunables, small on purpose: a layer server may serve many mounts on two cores.
     WORKERS = 3
     READAHEAD_SPANS = 3
-    # Inflated spans are 4 MiB each and dominate a server's RSS: keep the one being read and the previous
-    # one (a read crossing a span boundary); read-ahead spans wait in the on-disk cache instead.
+    # Spans the on-disk cache refused (disk full) are kept in memory instead: the one being read and the
+    # previous one (a read crossing a span boundary). Inflated spans are 4 MiB each.
     MEMORY_SPANS = 2
+    # Spans are inflated to the cache through a buffer of this size per thread, never whole in memory.
+    INFLATE_CHUNK = 256 << 10
     MAX_MERGE_SPANS = 8
     # Threads of their own for the heads of big files, so that demand reads never queue behind them.
     HEAD_THREADS = 2
@@ -116,6 +120,7 @@ class SpanManager:
         self._seq_run = 0
         self.last_activity = time.monotonic()
         self._background: object | None = None
+        self._local = threading.local()
 
     # -- geometry ------------------------------------------------------------
 
@@ -140,11 +145,20 @@ class SpanManager:
 
     # -- the read path -------------------------------------------------------
 
-    def in_memory(self, offset: int, length: int) -> bool:
-        """True if read(offset, length) would be served from inflated spans in memory, without blocking."""
+    def ready(self, offset: int, length: int) -> bool:
+        """True if read(offset, length) would be served at once: from spans kept in memory or from cache
+        entries in use (one pread of a file just read or written), never waiting for the network."""
         ids = self.spans_of(offset, length)
-        with self._mu:
-            return bool(ids) and all(sid in self._mem for sid in ids)
+        if not ids:
+            return False
+        for sid in ids:
+            with self._mu:
+                if sid in self._mem:
+                    continue
+            us = self._u_start[sid]
+            if not self.cache.is_open(self.layer, us, self._u_end[sid] - us):
+                return False
+        return True
 
     def read(self, offset: int, length: int, ahead_limit: int | None = None) -> bytes:
         """Blocking, thread-safe: `length` uncompressed bytes at `offset` (fewer at the layer's end).
@@ -155,7 +169,7 @@ class SpanManager:
         return bytes(self.read_buffer(offset, length, ahead_limit))
 
     def read_buffer(self, offset: int, length: int, ahead_limit: int | None = None) -> bytes | memoryview:
-        """Like read(), but a read inside one span is a view of it, not a copy: for a caller that only
+        """Like read(), but a read inside one span may be a view, not a copy: for a caller that only
         hands the bytes on (the FUSE reply), this saves copying every byte served once more."""
         if self._closed:
             raise SpanFetchError(f"{self.layer}: the mount is closed")
@@ -167,18 +181,57 @@ class SpanManager:
             return b""
         end = min(offset + length, self.size)
         deadline = time.monotonic() + self.timeout
-        got = self._request(ids, deadline, remember=True, inline_disk=True)
-        self._maybe_read_ahead(offset, end, ids[-1], deadline, ahead_limit)
-        parts: list[bytes | memoryview] = []
+        parts: list[bytes | memoryview | None] = []
+        hits = 0
         for sid in ids:
-            data = self._wait(sid, got[sid], deadline)
-            us = self._u_start[sid]
-            lo = max(offset, us) - us
-            hi = min(end, self._u_end[sid]) - us
-            parts.append(data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi])
-        out = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.stats.add(bytes_served=len(out))
+            part, from_disk = self._stored(sid, offset, end)
+            parts.append(part)
+            hits += from_disk
+        missing = [sid for sid, part in zip(ids, parts, strict=True) if part is None]
+        got = self._request(missing, deadline, remember=True) if missing else {}
+        self._maybe_read_ahead(offset, end, ids[-1], deadline, ahead_limit)
+        for k, sid in enumerate(ids):
+            if parts[k] is None:
+                parts[k] = self._loaded(sid, got[sid], offset, end, deadline)
+        out = parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
+        assert out is not None
+        self.stats.add(bytes_served=len(out), cache_hits=hits)
         return out
+
+    def _slice(self, sid: int, offset: int, end: int) -> tuple[int, int]:
+        """[lo, hi) of span `sid` that the read [offset, end) covers."""
+        us = self._u_start[sid]
+        return max(offset, us) - us, min(end, self._u_end[sid]) - us
+
+    def _stored(self, sid: int, offset: int, end: int) -> tuple[bytes | memoryview | None, bool]:
+        """The part of [offset, end) in span `sid` if it is at hand (memory or the on-disk cache), and
+        whether it came from the disk."""
+        lo, hi = self._slice(sid, offset, end)
+        with self._mu:
+            data = self._mem.get(sid)
+            if data is not None:
+                self._mem.move_to_end(sid)
+        if data is not None:
+            return (data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]), False
+        us = self._u_start[sid]
+        part = self.cache.read(self.layer, us, self._u_end[sid] - us, lo, hi - lo)
+        return part, part is not None
+
+    def _loaded(self, sid: int, item: bytes | _Claim, offset: int, end: int, deadline: float) -> bytes | memoryview:
+        """The part of [offset, end) in span `sid` once its load (`item`) is done."""
+        for attempt in range(2):
+            data = self._wait(sid, item, deadline)
+            if data is not None:
+                lo, hi = self._slice(sid, offset, end)
+                return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
+            part = self._stored(sid, offset, end)[0]
+            if part is not None:
+                return part
+            if attempt == 0:
+                # Gone from the disk since it was loaded (evicted by a tight budget, or damaged): load it
+                # once more, into memory this time.
+                item = self._request([sid], deadline, remember=True, to_memory=True)[sid]
+        raise SpanFetchError(f"{self.layer}: span {sid} vanished from the span cache twice while being read")
 
     def _maybe_read_ahead(self, offset: int, end: int, last: int, deadline: float, limit: int | None) -> None:
         with self._mu:
@@ -202,16 +255,17 @@ class SpanManager:
             # Not remembered: they would push the span being read out of memory; the read that reaches
             # one takes it from the on-disk cache (one file read) and keeps it from then on.
             # Spans already on disk are skipped: loading them here only to drop them would double the work.
-            self._request(ahead, deadline, remember=False, inline_disk=False, skip_cached=True, merge=1)
+            self._request(ahead, deadline, remember=False, skip_cached=True, merge=1)
 
-    def _request(self, ids: Iterable[int], deadline: float, *, remember: bool, inline_disk: bool,
-                 skip_cached: bool = False, merge: int | None = None,
-                 here: bool = False) -> dict[int, bytes | _Claim]:
-        """Start loading `ids`: each maps to its bytes (already at hand) or the claim to wait on.
+    def _request(self, ids: Iterable[int], deadline: float, *, remember: bool, skip_cached: bool = False,
+                 merge: int | None = None, here: bool = False, to_memory: bool = False) -> dict[int, bytes | _Claim]:
+        """Start loading `ids`: each maps to its bytes (kept in memory) or the claim to wait on, whose
+        result is the span's bytes when kept in memory and None when it is in the on-disk cache.
 
-        inline_disk: look in the on-disk cache in this thread first (cheap, never hangs).
-        skip_cached: spans present on disk are left out entirely (prefetch, background).
+        remember: keep spans the cache refused in memory for the reads that follow.
+        skip_cached: spans present on disk are left out entirely (read-ahead, prefetch, background).
         here: load them in this thread instead of the pool (returns when they are settled).
+        to_memory: inflate into memory, not the cache (a span that vanished from the cache while read).
         """
         out: dict[int, bytes | _Claim] = {}
         mine: list[int] = []
@@ -227,34 +281,23 @@ class SpanManager:
                     continue
                 claim = self._claims.get(sid)
                 # A claim past its deadline may sit in a fetch that hangs: start a fresh one.
-                if claim is None or (claim.deadline < now and not claim.future.done()):
+                if claim is None or (claim.deadline < now and not claim.future.done()) or to_memory:
                     claim = self._claims[sid] = _Claim(deadline)
                     mine.append(sid)
                 out[sid] = claim
-        to_fetch: list[int] = []
-        for sid in mine:
-            us, ue = self._u_start[sid], self._u_end[sid]
-            if inline_disk:
-                data = self.cache.get(self.layer, us, ue - us)
-                if data is not None:
-                    self.stats.add(cache_hits=1)
-                    self._settle(sid, out[sid], data, remember)  # type: ignore[arg-type]
-                    out[sid] = data
-                    continue
-            to_fetch.append(sid)
-        for run in _runs(to_fetch, merge or self.MAX_MERGE_SPANS):
+        for run in _runs(mine, merge or self.MAX_MERGE_SPANS):
             claims = [out[sid] for sid in run]
             if here:
-                self._load_run(run, claims, deadline, remember, not inline_disk)  # type: ignore[arg-type]
+                self._load_run(run, claims, deadline, remember, to_memory)  # type: ignore[arg-type]
                 continue
             try:
-                self._pool.submit(self._load_run, run, claims, deadline, remember, not inline_disk)
+                self._pool.submit(self._load_run, run, claims, deadline, remember, to_memory)
             except RuntimeError:  # the pool is shut down: the manager was closed
                 for sid, claim in zip(run, claims, strict=True):
                     self._fail(sid, claim, SpanFetchError(f"{self.layer}: the mount is closed"))  # type: ignore[arg-type]
         return out
 
-    def _wait(self, sid: int, item: bytes | _Claim, deadline: float) -> bytes:
+    def _wait(self, sid: int, item: bytes | _Claim, deadline: float) -> bytes | None:
         if isinstance(item, bytes):
             return item
         try:
@@ -267,11 +310,11 @@ class SpanManager:
         except Exception as exc:
             raise SpanFetchError(f"{self.layer}: span {sid}: {exc}") from exc
 
-    def _settle(self, sid: int, claim: _Claim, data: bytes, remember: bool) -> None:
+    def _settle(self, sid: int, claim: _Claim, data: bytes | None, remember: bool) -> None:
         with self._mu:
             if self._claims.get(sid) is claim:
                 del self._claims[sid]
-            if remember:
+            if remember and data is not None:
                 self._mem[sid] = data
                 self._mem.move_to_end(sid)
                 while len(self._mem) > self.MEMORY_SPANS:
@@ -289,11 +332,11 @@ class SpanManager:
     # -- loading (pool threads) -------------------------------------------------
 
     def _load_run(self, run: list[int], claims: list[_Claim], deadline: float, remember: bool,
-                  check_disk_first: bool) -> None:
+                  to_memory: bool) -> None:
         pending = dict(zip(run, claims, strict=True))
         try:
-            if check_disk_first:
-                self._take_cached(pending, remember)
+            if not to_memory:
+                self._take_cached(pending)
             if not pending:
                 return
             with contextlib.ExitStack() as locks:
@@ -303,9 +346,10 @@ class SpanManager:
                     locks.enter_context(self.cache.span_lock(self.layer, us, ue - us,
                                                              max(0.0, deadline - time.monotonic())))
                 # Another process (or manager) may have fetched these while we waited for the locks.
-                self._take_cached(pending, remember)
+                if not to_memory:
+                    self._take_cached(pending)
                 for sub in _runs(sorted(pending), self.MAX_MERGE_SPANS):
-                    self._fetch_run(sub, pending, deadline, remember)
+                    self._fetch_run(sub, pending, deadline, remember, to_memory)
         except BaseException as exc:
             err = exc if isinstance(exc, SpanFetchError) else SpanFetchError(f"{self.layer}: {exc}")
             for sid, claim in pending.items():
@@ -313,32 +357,30 @@ class SpanManager:
             if not isinstance(exc, Exception):
                 raise
 
-    def _take_cached(self, pending: dict[int, _Claim], remember: bool) -> None:
+    def _take_cached(self, pending: dict[int, _Claim]) -> None:
         for sid in sorted(pending):
-            us, ue = self._u_start[sid], self._u_end[sid]
-            data = self.cache.get(self.layer, us, ue - us)
-            if data is not None:
+            if self._on_disk(sid):
                 self.stats.add(cache_hits=1)
-                self._settle(sid, pending.pop(sid), data, remember)
+                self._settle(sid, pending.pop(sid), None, False)
 
-    def _fetch_run(self, run: list[int], pending: dict[int, _Claim], deadline: float, remember: bool) -> None:
+    def _fetch_run(self, run: list[int], pending: dict[int, _Claim], deadline: float, remember: bool,
+                   to_memory: bool) -> None:
         self.stats.add(cache_misses=len(run))
         datas = self._fetch_ranges([(self._c_start[s], self._c_end[s] - self._c_start[s]) for s in run], deadline)
         for sid, data in zip(run, datas, strict=True):
             claim = pending.pop(sid)
             try:
-                u = self._verified_span(sid, data, deadline)
+                kept = self._store(sid, self._verified(sid, data, deadline), to_memory)
             except SpanFetchError as exc:
                 self._fail(sid, claim, exc)
                 continue
             except Exception as exc:
                 self._fail(sid, claim, SpanFetchError(f"{self.layer}: span {sid}: {exc}"))
                 continue
-            self.cache.put(self.layer, self._u_start[sid], u)
-            self._settle(sid, claim, u, remember)
+            self._settle(sid, claim, kept, remember)
 
-    def _verified_span(self, sid: int, data: bytes, deadline: float) -> bytes:
-        """Check the compressed span against its digest (refetching a bad one), then inflate it."""
+    def _verified(self, sid: int, data: bytes | memoryview, deadline: float) -> bytes | memoryview:
+        """The compressed span, checked against its digest (refetching a bad one)."""
         want = self.ztoc.span_digests[sid]
         c_len = self._c_end[sid] - self._c_start[sid]
         failures = 0
@@ -351,11 +393,34 @@ class SpanManager:
                 raise SpanFetchError(f"{self.layer}: span {sid} does not match its digest {want}")
             data = self._fetch_ranges([(self._c_start[sid], c_len)], deadline)[0]
         self.stats.add(spans_fetched=1)
-        u = extract_span(self.zinfo, sid, data)
-        if len(u) != self._u_end[sid] - self._u_start[sid]:
-            raise SpanFetchError(f"{self.layer}: span {sid} inflated to {len(u)} bytes, expected "
-                                 f"{self._u_end[sid] - self._u_start[sid]}")
+        return data
+
+    def _store(self, sid: int, compressed: bytes | memoryview, to_memory: bool) -> bytes | None:
+        """Inflate a verified span into the on-disk cache (None), or into memory (its bytes) when the cache
+        refuses it or `to_memory`."""
+        us = self._u_start[sid]
+        size = self._u_end[sid] - us
+        if not to_memory and (w := self.cache.writer(self.layer, us, size)) is not None:
+            try:
+                got = inflate_span_into(self.zinfo, sid, compressed, w.write, self._inflate_buffer())
+            except BaseException:
+                w.abort()
+                raise
+            if got != size:
+                w.abort()
+                raise SpanFetchError(f"{self.layer}: span {sid} inflated to {got} bytes, expected {size}")
+            if w.commit():
+                return None
+        u = extract_span(self.zinfo, sid, compressed)
+        if len(u) != size:
+            raise SpanFetchError(f"{self.layer}: span {sid} inflated to {len(u)} bytes, expected {size}")
         return u
+
+    def _inflate_buffer(self) -> bytearray:
+        buf: bytearray | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(self.INFLATE_CHUNK)
+        return buf
 
     def _fetch_ranges(self, ranges: list[tuple[int, int]], deadline: float) -> list[bytes]:
         """One request for adjacent ranges; transport failures are retried with back-off until `deadline`."""
@@ -387,11 +452,11 @@ class SpanManager:
             if len(datas) != len(ranges):
                 raise SpanFetchError(f"{self.layer}: fetch_many returned {len(datas)} parts for {len(ranges)}")
             return datas
-        # Spans are contiguous in the blob: one Range request, cut into spans here.
+        # Spans are contiguous in the blob: one Range request, cut into spans here (views, not copies).
         first = ranges[0][0]
         blob = self.fetch(first, ranges[-1][0] + ranges[-1][1] - first)
         mv = memoryview(blob)
-        return [bytes(mv[o - first:o - first + n]) for o, n in ranges]
+        return [mv[o - first:o - first + n] for o, n in ranges]  # type: ignore[misc]
 
     # -- prefetch, background ----------------------------------------------------
 
@@ -412,7 +477,7 @@ class SpanManager:
         deadline = time.monotonic() + timeout
         # Chunks of a few spans: merged requests, yet every worker gets a share.
         per = max(1, min(self.MAX_MERGE_SPANS, -(-len(ids) // self.WORKERS)))
-        got = self._request(ids, deadline, remember=False, inline_disk=False, skip_cached=True, merge=per)
+        got = self._request(ids, deadline, remember=False, skip_cached=True, merge=per)
         failed = late = 0
         for item in got.values():
             if isinstance(item, bytes):
@@ -430,7 +495,7 @@ class SpanManager:
     def fetch_span(self, span_id: int, timeout: float | None = None) -> bool:
         """Make sure one span is in the on-disk cache (background fetch). False if it already was."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        got = self._request([span_id], deadline, remember=False, inline_disk=False, skip_cached=True)
+        got = self._request([span_id], deadline, remember=False, skip_cached=True)
         item = got.get(span_id)
         if item is None:
             return False
@@ -470,8 +535,8 @@ class SpanManager:
             if self._closed:
                 return
             with contextlib.suppress(Exception):  # a failed head is fetched again by the read that needs it
-                self._request([sid], time.monotonic() + self.timeout, remember=False, inline_disk=False,
-                              skip_cached=True, here=True)
+                self._request([sid], time.monotonic() + self.timeout, remember=False, skip_cached=True,
+                              here=True)
 
     def start_background_fetch(self, files: Callable[[], Iterable[tuple[int, int]]] | None = None) -> None:
         """Start fetching the heads of big files at once and the remaining spans after a quiet period
@@ -500,8 +565,8 @@ class SpanManager:
         return self._closed
 
     def release_memory(self) -> None:
-        """Forget the inflated spans kept for reads in progress (they stay in the on-disk cache): for a
-        mount gone quiet, whose next read, if any, can afford one file read."""
+        """Forget the inflated spans kept in memory (those the cache refused): for a mount gone quiet,
+        whose next read, if any, can afford to fetch them again."""
         with self._mu:
             self._mem.clear()
 
@@ -524,6 +589,8 @@ class SpanManager:
             self._mem.clear()
         for sid, claim in claims:
             self._fail(sid, claim, SpanFetchError(f"{self.layer}: the mount is closed"))
+        # Its open entries: another manager on this cache opens again what it reads next.
+        self.cache.close()
 
     def __enter__(self) -> SpanManager:
         return self

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from soci_helper.errors import LayerError, ZtocError
 from soci_helper.ztoc import inflate as zi
@@ -33,15 +33,18 @@ def _pin(data: bytes | bytearray | memoryview) -> tuple[int, object]:
     return ctypes.addressof(arr), arr
 
 
-def _inflate_span(zinfo: GzipZinfo, span_id: int, compressed: bytes | bytearray | memoryview,
-                  want: int | None, backend: str | None) -> bytes:
-    """Uncompressed bytes from the span's start; `want` of them, or all until the data ends if None."""
+def _inflate_chunks(zinfo: GzipZinfo, span_id: int, compressed: bytes | bytearray | memoryview,
+                    want: int | None, backend: str | None, out_addr: int, cap: int) -> Iterator[int]:
+    """Inflate the span from its start into the `cap` bytes at `out_addr`, yielding how many it holds each
+    time they are full and at the end (the consumer takes them before resuming): `want` bytes in all, or
+    all until the data ends if None."""
     n = len(compressed)
     if n == 0:
         raise LayerError(f"span {span_id}: no compressed bytes given")
     addr, keep = _pin(compressed)
     be = zi.load(backend)
     bits = zinfo.bits[span_id]
+    total = fill = 0
     with zi.Inflater(be, zi.WBITS_RAW) as inf:
         strm, ref = inf.strm, inf.ref
         if bits:
@@ -51,34 +54,20 @@ def _inflate_span(zinfo: GzipZinfo, span_id: int, compressed: bytes | bytearray 
             n -= 1
         win = bytes(zinfo.window(span_id))
         be.set_dictionary(ref, ctypes.c_char_p(win), WINDOW_SIZE)
-        if want is not None and want > 1:
-            # Inflate straight into the bytes object we return: no zero-fill, no final copy.
-            # (Sizes 0 and 1 could be interpreter-shared singletons, hence the bytearray below.)
-            result: bytes | bytearray = _new_bytes(None, want)
-            out_addr = ctypes.cast(ctypes.c_char_p(result), ctypes.c_void_p).value or 0
-            cap = want
-        elif want is not None:
-            result = bytearray(want)
-            cap = want
-            out_addr = ctypes.addressof((ctypes.c_char * cap).from_buffer(result))
-        else:
-            result = bytearray(_GROW)
-            cap = _GROW
-            out_addr = ctypes.addressof((ctypes.c_char * cap).from_buffer(result))
-        got = 0
         strm.next_in = addr
         strm.avail_in = n
         raw = True
-        while want is None or got < want:
-            if got == cap:
-                cap += _GROW
-                result.extend(bytes(_GROW))  # type: ignore[union-attr]
-                out_addr = ctypes.addressof((ctypes.c_char * cap).from_buffer(result))
-            strm.next_out = out_addr + got
-            strm.avail_out = cap - got
-            before = strm.avail_out
+        while want is None or total < want:
+            if fill == cap:
+                yield fill
+                fill = 0
+            room = cap - fill if want is None else min(cap - fill, want - total)
+            strm.next_out = out_addr + fill
+            strm.avail_out = room
             ret = be.inflate(ref, zi.Z_NO_FLUSH)
-            got += before - strm.avail_out
+            made = room - strm.avail_out
+            fill += made
+            total += made
             if ret == zi.Z_STREAM_END:
                 # A member ended inside the span: the next member (if any) is a fresh gzip stream.
                 left = strm.avail_in
@@ -98,11 +87,57 @@ def _inflate_span(zinfo: GzipZinfo, span_id: int, compressed: bytes | bytearray 
                 why = strm.msg.decode("ascii", "replace") if strm.msg else f"inflate error {ret}"
                 raise LayerError(f"span {span_id}: corrupt compressed data ({why})")
     del keep
-    if want is not None:
-        if got < want:
-            raise LayerError(f"span {span_id}: compressed data ends after {got} of {want} bytes")
-        return result if isinstance(result, bytes) else bytes(result)
-    return bytes(memoryview(result)[:got])
+    if want is not None and total < want:
+        raise LayerError(f"span {span_id}: compressed data ends after {total} of {want} bytes")
+    if fill:
+        yield fill
+
+
+def _inflate_span(zinfo: GzipZinfo, span_id: int, compressed: bytes | bytearray | memoryview,
+                  want: int | None, backend: str | None) -> bytes:
+    """Uncompressed bytes from the span's start; `want` of them, or all until the data ends if None."""
+    if want == 0:
+        return b""
+    if want is not None and want > 1:
+        # Inflate straight into the bytes object we return: no zero-fill, no final copy.
+        # (Sizes 0 and 1 could be interpreter-shared singletons, hence the bytearray below.)
+        result: bytes = _new_bytes(None, want)
+        out_addr = ctypes.cast(ctypes.c_char_p(result), ctypes.c_void_p).value or 0
+        for _ in _inflate_chunks(zinfo, span_id, compressed, want, backend, out_addr, want):
+            pass
+        return result
+    size = _GROW if want is None else want
+    buf = bytearray(size)
+    parts: list[bytes] = []
+    addr = ctypes.addressof((ctypes.c_char * size).from_buffer(buf)) if size else 0
+    for got in _inflate_chunks(zinfo, span_id, compressed, want, backend, addr, size):
+        parts.append(bytes(memoryview(buf)[:got]))
+    return b"".join(parts)
+
+
+def inflate_span_into(zinfo: GzipZinfo | TarZinfo, span_id: int, compressed: bytes | bytearray | memoryview,
+                      sink: Callable[[memoryview], object], buffer: bytearray,
+                      backend: str | None = None) -> int:
+    """Stream the whole uncompressed span `span_id` to `sink` through `buffer`, never holding it whole.
+
+    `compressed` is exactly the span's compressed range. Returns the bytes produced, which the
+    caller checks against the span's size. Each view passed to `sink` is valid only during the call."""
+    start, end = zinfo.uncompressed_range(span_id)
+    if isinstance(zinfo, TarZinfo):
+        sink(memoryview(compressed).cast("B"))
+        return len(compressed)
+    want = None if end is None else end - start
+    if want == 0:
+        return 0
+    if not buffer:
+        raise ValueError("inflate_span_into needs a non-empty buffer")
+    addr = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+    out = memoryview(buffer)
+    total = 0
+    for got in _inflate_chunks(zinfo, span_id, compressed, want, backend, addr, len(buffer)):
+        sink(out[:got])
+        total += got
+    return total
 
 
 def extract_span(zinfo: GzipZinfo | TarZinfo, span_id: int, compressed: bytes | bytearray | memoryview,
