@@ -82,6 +82,36 @@ def test_legacy_layout_parses_and_reserializes_current(built: tuple[bytes, int, 
     assert old.to_bytes() == blob
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_windows_read_from_the_file_equal_the_blobs_and_are_checked(built, tmp_path, legacy: bool) -> None:
+    blob, csize, usize = built
+    blob = legacy_of(blob) if legacy else blob
+    path = tmp_path / "ztoc"
+    path.write_bytes(b"x" * 123 + blob + b"tail")  # the blob inside a bigger file, as in an encoded zTOC
+    mem = GzipZinfo(blob, csize, usize)
+    disk = GzipZinfo(blob, csize, usize)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ZtocError, match="does not hold"):
+            disk.windows_from_file(fd, 122)
+        assert not disk.windows_in_file
+        disk.windows_from_file(fd, 123)
+        assert disk.windows_in_file and len(disk.raw) == 0
+        for i in range(mem.num_spans):
+            assert bytes(disk.window(i)) == bytes(mem.window(i))
+        assert disk.to_bytes() == mem.to_bytes()
+        # The file changes afterwards: the window's crc32 refuses it.
+        k = 2 if legacy else 3
+        with open(path, "r+b") as f:
+            f.seek(123 + HEADER_SIZE + (k - legacy) * CHECKPOINT_SIZE + 17 + 5000)
+            f.write(b"\x00\xff")
+        with pytest.raises(ZtocError, match=f"window {k - legacy} changed"):
+            disk.window(k)
+        assert bytes(disk.window(k + 1)) == bytes(mem.window(k + 1))
+    finally:
+        os.close(fd)
+
+
 def test_span_ranges(built: tuple[bytes, int, int]) -> None:
     blob, csize, usize = built
     z = GzipZinfo(blob, csize, usize)

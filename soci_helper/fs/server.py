@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_mod
-from ..errors import SociError
+from ..errors import SociError, ZtocError
 from ..ztoc.model import Ztoc
+from ..ztoc.zinfo import GzipZinfo
 from .stats import MountStats
 
 log = logging.getLogger("soci.layer-server")
@@ -231,6 +232,29 @@ def _build_table(store: Any, ztoc_digest: str, on_warning: Callable[[str], None]
     # single-threaded process (a builder child, or a server with no other thread while it builds).
     raw = store.read(ztoc_digest) if data is None else data
     return InodeTable.from_bytes(raw, on_warning=on_warning, forked=True, decoded=decoded)
+
+
+def _windows_from_store(reader: Any, ztoc: Ztoc, store: Any, ztoc_digest: str) -> str:
+    """Let the reader take checkpoint windows from the zTOC's file in the store rather than memory: 32 KiB
+    a span, 3.3 of a server's 37 MB for the e2e sample's 107 spans, for one pread per span inflated.
+    Where the windows are now, for the log."""
+    zinfo = getattr(reader, "zinfo", None)
+    if not isinstance(zinfo, GzipZinfo) or ztoc.checkpoints_offset < 0:
+        return "in memory"
+    try:
+        fd = os.open(store.path(ztoc_digest), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.warning("zTOC %s: keeping checkpoint windows in memory: %s", ztoc_digest, exc.strerror or exc)
+        return "in memory"
+    try:
+        zinfo.windows_from_file(fd, ztoc.checkpoints_offset)
+    except (OSError, ZtocError) as exc:
+        os.close(fd)
+        log.warning("zTOC %s: keeping checkpoint windows in memory: %s", ztoc_digest, exc)
+        return "in memory"
+    # The descriptor stays open for the server's life: the store may drop the file, the inode stays.
+    ztoc.checkpoints = b""
+    return "read from the zTOC file"
 
 
 def _reap_quietly(pid: int) -> None:
@@ -464,11 +488,13 @@ class LayerServer:
             table, ztoc, fetch = self._build_while_checking(build)
         self.entries = len(table)
         self.reader, self.reader_kind = make_reader(self.spec, ztoc, fetch, cfg)
+        windows = _windows_from_store(self.reader, ztoc, store, self.spec.ztoc_digest)
         note = getattr(self.reader, "note_activity", None)
         self.fs = LayerFS(table, self.reader, cfg.fuse, on_read=note)
         _settle_memory()
-        log.info("loaded zTOC %s: %d inodes, %d spans, in %.3f s (%s reader, table built %s)", self.spec.ztoc_digest,
-                 self.entries, len(ztoc.span_digests), time.monotonic() - t0, self.reader_kind, build.where)
+        log.info("loaded zTOC %s: %d inodes, %d spans, in %.3f s (%s reader, table built %s, windows %s)",
+                 self.spec.ztoc_digest, self.entries, len(ztoc.span_digests), time.monotonic() - t0,
+                 self.reader_kind, build.where, windows)
         if not os.path.isdir(self.spec.mountpoint):
             raise SociError(f"mount point {self.spec.mountpoint} is not a directory")
         pyfuse3.init(self.fs, self.spec.mountpoint, mount_options(self.spec))

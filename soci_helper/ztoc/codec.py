@@ -486,6 +486,8 @@ def _decode_head(r: _Reader) -> tuple[Ztoc, list[int]]:
             raise ZtocError(f"zTOC has an invalid span digest {d[:80]!r}") from None
         span_digests.append(d)
     checkpoints = bytes(r.field_raw(cpos, cf[3], ckpt_o, "checkpoints", string=False))
+    # A byte vector's bytes follow its 4-byte length.
+    checkpoints_offset = cpos + cf[3] + ckpt_o + 4 if cf[3] else -1
     if algo == CompressionAlgorithm.GZIP and not checkpoints:
         raise ZtocError("zTOC for a gzip layer has no checkpoints")
 
@@ -502,6 +504,7 @@ def _decode_head(r: _Reader) -> tuple[Ztoc, list[int]]:
         span_digests=span_digests,
         checkpoints=checkpoints,
         version=version,
+        checkpoints_offset=checkpoints_offset,
     )
     return head, positions
 

@@ -60,6 +60,9 @@ class Ztoc:
     span_digests: list[str]
     checkpoints: bytes
     version: str = ZTOC_VERSION
+    # Where `checkpoints` starts in the encoded zTOC it was decoded from (-1 if not decoded): a reader may
+    # then read checkpoint windows from the zTOC's file instead of keeping them. Not part of the zTOC's value.
+    checkpoints_offset: int = field(default=-1, compare=False, repr=False)
 
 
 def format_mod_time(seconds: int, nanos: int = 0) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import bisect
+import os
 import struct
+import zlib
 
 from soci_helper.errors import ZtocError
 from soci_helper.ztoc.model import WINDOW_SIZE
@@ -37,7 +39,7 @@ class GzipZinfo:
     """
 
     __slots__ = ("span_size", "ins", "outs", "bits", "_windows", "_first_window_stored", "legacy",
-                 "compressed_size", "uncompressed_size", "raw")
+                 "compressed_size", "uncompressed_size", "raw", "_file")
 
     def __init__(self, blob: bytes | bytearray | memoryview, compressed_size: int | None = None,
                  uncompressed_size: int | None = None) -> None:
@@ -80,6 +82,7 @@ class GzipZinfo:
         self._first_window_stored = not legacy
         self.compressed_size = compressed_size
         self.uncompressed_size = uncompressed_size
+        self._file: _WindowFile | None = None
         self._validate()
 
     def _validate(self) -> None:
@@ -122,13 +125,33 @@ class GzipZinfo:
             raise ZtocError(f"span {span_id} does not exist (the layer has {len(self.ins)} spans)")
 
     def window(self, span_id: int) -> memoryview:
-        """The 32 KiB dictionary that precedes span `span_id` (a view into the blob)."""
+        """The 32 KiB dictionary that precedes span `span_id` (a view into the blob, or read from its file)."""
         self._check(span_id)
         k = span_id if self._first_window_stored else span_id - 1
         if k < 0:
             return _ZERO_WINDOW
         start = k * CHECKPOINT_SIZE + _POINT.size
+        if self._file is not None:
+            return self._file.window(k, start)
         return self._windows[start:start + WINDOW_SIZE]
+
+    @property
+    def windows_in_file(self) -> bool:
+        return self._file is not None
+
+    def windows_from_file(self, fd: int, offset: int) -> None:
+        """Read the windows (32 KiB a span) from the open file `fd`, where this blob starts at `offset`,
+        instead of keeping them in memory. The file must hold the same blob now (ZtocError otherwise); a
+        crc32 per window, taken from the bytes in memory, catches a file changed later."""
+        if self._file is not None:
+            return
+        stored = len(self._windows) // CHECKPOINT_SIZE
+        if os.pread(fd, len(self.raw), offset) != self.raw:
+            raise ZtocError("the zTOC file does not hold these checkpoints")
+        crcs = [zlib.crc32(self._windows[k * CHECKPOINT_SIZE + _POINT.size:(k + 1) * CHECKPOINT_SIZE])
+                for k in range(stored)]
+        self._file = _WindowFile(fd, offset, len(self.raw), crcs)
+        self.raw = self._windows = memoryview(b"")
 
     def uncompressed_range(self, span_id: int) -> tuple[int, int | None]:
         """[start, end) of the span in the uncompressed tar; end is None for the last span if size unknown."""
@@ -153,11 +176,36 @@ class GzipZinfo:
 
     def to_bytes(self) -> bytes:
         """The blob in the current layout (checkpoint 0 included), as upstream writes it."""
+        raw = self.raw if self._file is None else memoryview(self._file.blob())
         if not self.legacy:
-            return bytes(self.raw)
+            return bytes(raw)
         parts = [pack_header(len(self.ins), self.span_size),
-                 pack_checkpoint(self.ins[0], 0, 0, _ZERO_WINDOW), bytes(self._windows)]
+                 pack_checkpoint(self.ins[0], 0, 0, _ZERO_WINDOW), bytes(raw[HEADER_SIZE:])]
         return b"".join(parts)
+
+
+class _WindowFile:
+    """Checkpoint windows read from the file that holds the blob, each checked against a crc32."""
+
+    __slots__ = ("fd", "offset", "size", "crcs")
+
+    def __init__(self, fd: int, offset: int, size: int, crcs: list[int]) -> None:
+        self.fd, self.offset, self.size, self.crcs = fd, offset, size, crcs
+
+    def window(self, k: int, start: int) -> memoryview:
+        try:
+            w = os.pread(self.fd, WINDOW_SIZE, self.offset + HEADER_SIZE + start)
+        except OSError as exc:
+            raise ZtocError(f"cannot read checkpoint window {k} from the zTOC file: {exc.strerror or exc}") from None
+        if len(w) != WINDOW_SIZE or zlib.crc32(w) != self.crcs[k]:
+            raise ZtocError(f"checkpoint window {k} changed in the zTOC file since it was verified")
+        return memoryview(w)
+
+    def blob(self) -> bytes:
+        data = os.pread(self.fd, self.size, self.offset)
+        if len(data) != self.size:
+            raise ZtocError("the zTOC file is shorter than its checkpoints")
+        return data
 
 
 class TarZinfo:
