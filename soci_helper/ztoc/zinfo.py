@@ -5,7 +5,12 @@ from __future__ import annotations
 import bisect
 import os
 import struct
-import zlib
+
+try:
+    # zlib's CRC-32, about 4x faster: a mount checksums all its windows (9.6 MB for a 1 GB layer) once.
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; stdlib zlib does the same, slower
+    from zlib import crc32
 
 from soci_helper.errors import ZtocError
 from soci_helper.ztoc.model import WINDOW_SIZE
@@ -148,7 +153,7 @@ class GzipZinfo:
         stored = len(self._windows) // CHECKPOINT_SIZE
         if os.pread(fd, len(self.raw), offset) != self.raw:
             raise ZtocError("the zTOC file does not hold these checkpoints")
-        crcs = [zlib.crc32(self._windows[k * CHECKPOINT_SIZE + _POINT.size:(k + 1) * CHECKPOINT_SIZE])
+        crcs = [crc32(self._windows[k * CHECKPOINT_SIZE + _POINT.size:(k + 1) * CHECKPOINT_SIZE])
                 for k in range(stored)]
         self._file = _WindowFile(fd, offset, len(self.raw), crcs)
         self.raw = self._windows = memoryview(b"")
@@ -197,7 +202,7 @@ class _WindowFile:
             w = os.pread(self.fd, WINDOW_SIZE, self.offset + HEADER_SIZE + start)
         except OSError as exc:
             raise ZtocError(f"cannot read checkpoint window {k} from the zTOC file: {exc.strerror or exc}") from None
-        if len(w) != WINDOW_SIZE or zlib.crc32(w) != self.crcs[k]:
+        if len(w) != WINDOW_SIZE or crc32(w) != self.crcs[k]:
             raise ZtocError(f"checkpoint window {k} changed in the zTOC file since it was verified")
         return memoryview(w)
 
