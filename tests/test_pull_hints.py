@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from soci_helper.config import Config
-from soci_helper.mount.hints import HINT_FILE, HintListener, hint_path, send
+from soci_helper.mount.hints import HINT_FILE, MAX_HINT, HintListener, hint_path, parse, send
 
 
 def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
@@ -43,7 +43,7 @@ def test_listener_gets_each_burst_of_hints_and_cleans_up(tmp_path: Path) -> None
     got = threading.Event()
     calls: list[float] = []
 
-    def on_hint() -> None:
+    def on_hint(hints: list[str]) -> None:
         calls.append(time.monotonic())
         got.set()
 
@@ -62,7 +62,7 @@ def test_listener_gets_each_burst_of_hints_and_cleans_up(tmp_path: Path) -> None
         time.sleep(0.2)
         assert 2 <= len(calls) <= 51  # a burst may come as one hint; none is lost entirely
         # A handler that fails does not stop the listener.
-        lis.on_hint = lambda: (_ for _ in ()).throw(RuntimeError("boom"))
+        lis.on_hint = lambda hints: (_ for _ in ()).throw(RuntimeError("boom"))
         assert send(tmp_path)
         time.sleep(0.2)
         lis.on_hint = on_hint
@@ -74,10 +74,33 @@ def test_listener_gets_each_burst_of_hints_and_cleans_up(tmp_path: Path) -> None
     assert not any(t.name == "pull-hints" for t in threading.enumerate())
 
 
+def test_hints_name_the_image_and_junk_is_dropped(tmp_path: Path) -> None:
+    batches: list[list[str]] = []
+    got = threading.Event()
+
+    def on_hint(hints: list[str]) -> None:
+        batches.append(hints)
+        got.set()
+
+    lis = HintListener(tmp_path, on_hint)
+    assert lis.start()
+    try:
+        assert send(tmp_path, "reg.example/app:v1", "sha256:" + "a" * 64)
+        assert got.wait(5.0) and batches == [["reg.example/app:v1 sha256:" + "a" * 64]]
+        got.clear()
+        # Too long or not printable ASCII: sent as a bare hint (still worth a spare).
+        assert send(tmp_path, "r/" + "x" * MAX_HINT)
+        assert got.wait(5.0) and batches[-1] == []
+    finally:
+        lis.close()
+    assert parse(b"a:1\nb:2\na:1\n\n\xff\xfe\nc\x07d\n" + b"y" * MAX_HINT + b"\n") == ["a:1", "b:2"]
+    assert parse(b"".join(b"i%d\n" % k for k in range(20))) == [f"i{k}" for k in range(8)]
+
+
 def test_a_fifo_left_behind_is_reused(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / HINT_FILE, 0o600)
     got = threading.Event()
-    lis = HintListener(tmp_path, got.set)
+    lis = HintListener(tmp_path, lambda hints: got.set())
     assert lis.start()
     try:
         assert send(tmp_path) and got.wait(5.0)
@@ -86,14 +109,14 @@ def test_a_fifo_left_behind_is_reused(tmp_path: Path) -> None:
 
 
 def test_a_root_the_daemon_cannot_write_turns_hints_off(tmp_path: Path) -> None:
-    lis = HintListener(tmp_path / "missing" / "dir", lambda: None)
+    lis = HintListener(tmp_path / "missing" / "dir", lambda hints: None)
     assert lis.start() is False
     lis.close()
 
 
 def _spare_alive(dec: object) -> bool:
-    spare = dec.spares._spare  # type: ignore[attr-defined]
-    return spare is not None and spare.proc.poll() is None
+    spares = dec.spares._spares  # type: ignore[attr-defined]
+    return len(spares) == 1 and spares[0].proc.poll() is None
 
 
 def test_the_daemon_starts_a_spare_on_a_hint_and_stops_it_on_close(tmp_path: Path) -> None:
@@ -105,12 +128,11 @@ def test_the_daemon_starts_a_spare_on_a_hint_and_stops_it_on_close(tmp_path: Pat
         assert not _spare_alive(dec)
         assert send(root)
         assert _wait(lambda: _spare_alive(dec))
-        spare = dec.spares._spare
-        assert spare is not None
+        spare = dec.spares._spares[0]
         assert "--spare" in Path(f"/proc/{spare.proc.pid}/cmdline").read_text().split("\0")
         assert send(root)  # a second hint while a spare waits starts no other
         time.sleep(0.3)
-        assert dec.spares._spare is spare
+        assert dec.spares._spares == [spare]
     finally:
         dec.close()
     assert spare.proc.poll() is not None and not hint_path(root).exists()
@@ -127,7 +149,7 @@ def test_with_lazy_pulls_off_a_hint_starts_nothing(tmp_path: Path) -> None:
     try:
         assert send(root)
         time.sleep(0.5)
-        assert dec.spares._spare is None
+        assert not dec.spares._spares
     finally:
         dec.close()
 
@@ -139,7 +161,13 @@ def test_rpull_hints_before_loading_grpc_and_still_reports_its_error(tmp_path: P
     got = threading.Event()
     root = tmp_path / "root"
     root.mkdir()
-    lis = HintListener(root, got.set)
+    heard: list[str] = []
+
+    def on_hint(hints: list[str]) -> None:
+        heard.extend(hints)
+        got.set()
+
+    lis = HintListener(root, on_hint)
     assert lis.start()
     try:
         r = subprocess.run([sys.executable, "-m", "soci_helper.cli.main", "--root", str(root),
@@ -149,5 +177,25 @@ def test_rpull_hints_before_loading_grpc_and_still_reports_its_error(tmp_path: P
         assert got.wait(5.0)
     finally:
         lis.close()
+    assert heard == ["127.0.0.1:9/none/such:latest"]  # the image, for the daemon to look up meanwhile
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("soci: error: "), r.stderr
+
+
+def test_a_pool_warms_up_to_max_spares_and_drops_them_all(tmp_path: Path) -> None:
+    from soci_helper.mount.spares import MAX_SPARES, SparePool
+
+    pool = SparePool(tmp_path / "root", idle_sec=30)
+    try:
+        pool.warm(MAX_SPARES + 2)
+        spares = list(pool._spares)
+        assert len(spares) == MAX_SPARES and all(s.proc.poll() is None for s in spares)
+        pool.warm(1)  # enough of them already: nothing new
+        assert pool._spares == spares
+        first = pool.take()
+        assert first is spares[0] and pool._spares == spares[1:]
+        first.release()
+        pool.drop()
+        assert not pool._spares and all(s.proc.poll() is not None for s in spares)
+    finally:
+        pool.close()

@@ -430,13 +430,15 @@ def test_rpull_then_run(world: dict[str, Any], tmp_path: Path) -> None:
                             "-a", str(c.address), "-n", c.namespace, "image", "rpull", "--plain-http", img.ref],
                            capture_output=True, text=True, timeout=90)
         assert r.returncode == 0, r.stderr + sb.snapshotter.log_tail()
-        # rpull and the snapshotter (three Prepares, told the manifest digest) each read the manifest and the
-        # config once; discovery reads the index and its zTOC once; each local layer is downloaded once.
+        # rpull and the snapshotter each read the manifest (by tag: the snapshotter looked the image up on
+        # rpull's hint, and its three Prepares found it remembered) and the config once; discovery reads the
+        # index and its zTOC once; each local layer is downloaded once.
         gets = Counter(e.path for e in reg.access_log()[before:] if e.method == "GET")
         repo = "/v2/test/mixed"
         config = json.loads(img._blob(img.manifest_digest))["config"]["digest"]
-        assert gets[f"{repo}/manifests/v1"] == 1, gets
-        assert gets[f"{repo}/manifests/{img.manifest_digest}"] == 1, gets
+        assert "looked up ahead" in sb.snapshotter.log.read_text()
+        assert gets[f"{repo}/manifests/v1"] == 2, gets
+        assert gets[f"{repo}/manifests/{img.manifest_digest}"] == 0, gets
         assert gets[f"{repo}/blobs/{config}"] == 2, gets
         assert gets[f"{repo}/manifests/{img.index_digest}"] == 1, gets
         assert [gets[f"{repo}/blobs/{layer['digest']}"] for layer in img.layers[1:]] == [1, 1], gets
@@ -493,6 +495,48 @@ def test_images_are_remembered_between_prepares_in_a_bounded_cache(world: dict[s
         assert fetches(mixed) == 2
     finally:
         dec.close()
+
+
+def test_a_pull_hint_looks_the_image_up_ahead_and_starts_a_spare_per_lazy_layer(world: dict[str, Any],
+                                                                                tmp_path: Path) -> None:
+    from soci_helper import config as config_mod
+    from soci_helper.mount.hints import send
+    from soci_helper.oci.reference import parse_reference
+    from soci_helper.snapshotter.soci import SociDecider
+    from soci_helper.store.content import ContentStore
+
+    reg: LocalRegistry = world["reg"]
+    mixed, plain = world["mixed"], world["plain"]
+    root = tmp_path / "root"
+    dec = SociDecider(root, config_mod.load(daemon_config(tmp_path)))
+    try:
+        assert send(root, mixed.ref)
+        assert wait_for(lambda: (mixed.manifest_digest, "") in dec._indexes, 30)
+        # One lazy layer in this image: one spare, alive.
+        assert wait_for(lambda: len(dec.spares._spares) == 1, 10)
+        assert dec.spares._spares[0].proc.poll() is None
+        found = dec._indexes[(mixed.manifest_digest, "")][0]
+        assert found is not None and found.digest == mixed.index_digest
+        store = ContentStore(root)
+        assert all(store.has(z.digest) for z in found.index.ztocs)
+        # The Prepare's lookups then find everything remembered: not one request to the registry.
+        time.sleep(0.3)  # the registry logs a request just after answering it
+        seen = len(reg.access_log())
+        info, fetched = dec._image(parse_reference(mixed.ref), mixed.manifest_digest)
+        assert fetched is None and dec._index(info, None) is found
+        time.sleep(0.3)
+        assert len(reg.access_log()) == seen
+        # An image without an index: looked up too, and no spare is kept for it.
+        assert send(root, plain.ref)
+        assert wait_for(lambda: (plain.manifest_digest, "") in dec._indexes, 30)
+        assert wait_for(lambda: not dec.spares._spares, 10)
+        # A hint the daemon cannot use (no such registry) costs nothing and breaks nothing.
+        assert send(root, "127.0.0.1:9/none/such:latest")
+        assert send(root, mixed.ref)
+        assert wait_for(lambda: len(dec.spares._spares) == 1, 10)
+    finally:
+        dec.close()
+    assert not dec.spares._spares
 
 
 def test_per_image_locks_serialise_and_leave_nothing_behind(tmp_path: Path) -> None:

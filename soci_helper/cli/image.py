@@ -94,8 +94,8 @@ def _labels(items: list[str]) -> dict[str, str]:
 def cmd_rpull(args: argparse.Namespace, store: Any = None) -> int:
     from ..mount.hints import send
 
-    # First, before the imports below: the snapshotter starts a layer server while they load.
-    send(args.root or default_root())
+    # First, before the imports below: the snapshotter starts a layer server and looks the index up meanwhile.
+    send(args.root or default_root(), args.image, args.soci_index_digest or "")
     from ..containerd.rpull import RpullOptions, rpull
 
     opts = RpullOptions(snapshotter=args.snapshotter, index_digest=args.soci_index_digest, platform=args.platform,

@@ -1,10 +1,12 @@
-"""Pull hints: a FIFO in the store root on which a client about to pull asks the daemon for a spare layer server.
+"""Pull hints: a FIFO in the store root on which a client about to pull tells the daemon which image comes.
 
-A spare takes a quarter of a second to start its interpreter and imports. The daemon starts one at an image's
-first Prepare, but `soci image rpull` spends about as long importing gRPC and requests and resolving the image
-before that Prepare arrives: a hint sent as rpull starts lets the two overlap. A hint is one byte on a FIFO:
-opening it costs the client no import, a missing reader (no daemon) answers at once, and the path has no
-length limit (a unix socket's has). Hints are advisory: a lost one only costs the overlap.
+A spare layer server takes a quarter of a second to start its interpreter and imports, and the daemon's index
+discovery (manifest, referrers, index, zTOCs) some round trips more; `soci image rpull` spends about as long
+importing gRPC and requests and resolving the image before its first Prepare arrives. A hint sent as rpull
+starts lets the daemon start a spare and look the image's index up meanwhile. A hint is one line on a FIFO,
+`IMAGE[ INDEX-DIGEST]` (or empty): opening it costs the client no import, a missing reader (no daemon) answers
+at once, and the path has no length limit (a unix socket's has). Hints are advisory: a lost or wrong one only
+costs the overlap; the Prepare decides as always.
 """
 
 from __future__ import annotations
@@ -21,14 +23,21 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HINT_FILE = "pull-hints"
+# At most this long a line: written at once (less than PIPE_BUF), so hints from two clients never interleave.
+MAX_HINT = 1024
 
 
 def hint_path(root: str | os.PathLike[str]) -> Path:
     return Path(root) / HINT_FILE
 
 
-def send(root: str | os.PathLike[str]) -> bool:
-    """Tell the daemon serving `root` that a pull starts; False if no daemon listens there. Never blocks."""
+def send(root: str | os.PathLike[str], image: str = "", index_digest: str = "") -> bool:
+    """Tell the daemon serving `root` that a pull of `image` starts; False if no daemon listens there. Never
+    blocks."""
+    line = " ".join(filter(None, (image, index_digest)))
+    data = line.encode() + b"\n"
+    if len(data) > MAX_HINT or not line.isascii() or not line.isprintable():
+        data = b"\n"  # still worth a spare
     try:
         fd = os.open(hint_path(root), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:  # ENOENT: no daemon ever ran here; ENXIO: the FIFO has no reader, none runs now
@@ -37,7 +46,7 @@ def send(root: str | os.PathLike[str]) -> bool:
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             return False  # never write into whatever else has the name
         with contextlib.suppress(BlockingIOError):  # full of unread hints: the daemon has enough of them
-            os.write(fd, b"\n")
+            os.write(fd, data)
         return True
     except OSError:
         return False
@@ -45,10 +54,28 @@ def send(root: str | os.PathLike[str]) -> bool:
         os.close(fd)
 
 
-class HintListener:
-    """The daemon's end: calls `on_hint` (on its own thread) once for each batch of hints that arrives."""
+def parse(data: bytes, limit: int = 8) -> list[str]:
+    """The distinct non-empty hint lines in `data` (at most `limit`), in order; junk is dropped."""
+    out: list[str] = []
+    for raw in data.split(b"\n"):
+        if not raw or len(raw) >= MAX_HINT:
+            continue
+        try:
+            line = raw.decode("ascii")
+        except UnicodeDecodeError:
+            continue
+        if line.isprintable() and line not in out:
+            out.append(line)
+            if len(out) == limit:
+                break
+    return out
 
-    def __init__(self, root: str | os.PathLike[str], on_hint: Callable[[], None]) -> None:
+
+class HintListener:
+    """The daemon's end: calls `on_hint` (on its own thread) once for each batch of hints that arrives, with the
+    batch's distinct image lines (empty hints give an empty list)."""
+
+    def __init__(self, root: str | os.PathLike[str], on_hint: Callable[[list[str]], None]) -> None:
         self.path = hint_path(root)
         self.on_hint = on_hint
         self._fd = -1
@@ -84,16 +111,17 @@ class HintListener:
             ready, _, _ = select.select([fd, wake], [], [])
             if wake in ready:
                 return
+            got = bytearray()
             try:
-                while os.read(fd, 4096):  # drain: a burst of hints is one hint
-                    pass
+                while chunk := os.read(fd, 4096):  # drain: a burst of hints is one batch
+                    got += chunk
             except BlockingIOError:
                 pass
             except OSError as exc:
                 log.warning("pull hints stopped: %s", exc)
                 return
             try:
-                self.on_hint()
+                self.on_hint(parse(bytes(got)))
             except Exception as exc:  # noqa: BLE001 - a hint is advisory; the listener goes on
                 log.warning("pull hint not acted on: %s: %s", type(exc).__name__, exc)
 

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 # A spare nobody asked for this long after the last request goes: it is an interpreter's worth of memory.
 SPARE_IDLE_SEC = 30.0
+# Spares for the lazy layers of one image, started together once its index is known: each is an interpreter
+# starting on two cores, so a few at most.
+MAX_SPARES = 3
 
 
 @dataclass(slots=True)
@@ -78,19 +81,19 @@ class Spare:
 
 
 class SparePool:
-    """At most one spare layer server at a time, for one store root, started on demand.
+    """Spare layer servers for one store root, started on demand: at most MAX_SPARES at a time.
 
-    `warm()` when mounts are likely soon (an image's first Prepare), `take()` for each mount: it hands over the
-    current spare, if any, and starts the next one when more mounts are expected. A spare costs an interpreter's
-    memory, so it goes after SPARE_IDLE_SEC without use, and none exists while nothing is being mounted: an idle
-    daemon stays as small as it was.
+    `warm(n)` when mounts are likely soon (a pull begins: one; its index shows n lazy layers: n), `take()` for
+    each mount: it hands over a spare, if any, and starts the next one when more mounts are expected and none
+    is left. A spare costs an interpreter's memory, so spares go after SPARE_IDLE_SEC without use, and none
+    exists while nothing is being mounted: an idle daemon stays as small as it was.
     """
 
     def __init__(self, root: str | os.PathLike[str], idle_sec: float = SPARE_IDLE_SEC) -> None:
         self.root = os.path.abspath(root)
         self.idle_sec = idle_sec
         self._lock = threading.Lock()
-        self._spare: Spare | None = None
+        self._spares: list[Spare] = []
         self._deadline = 0.0
         self._closed = False
         self._reaper: threading.Thread | None = None
@@ -111,59 +114,76 @@ class SparePool:
         return Spare(mount_id, proc, log_file)
 
     def _arm(self) -> None:
-        """Hold the lock. Push the idle deadline back and make sure a thread will retire an unused spare."""
+        """Hold the lock. Push the idle deadline back and make sure a thread will retire unused spares."""
         self._deadline = time.monotonic() + self.idle_sec
         if self._reaper is None or not self._reaper.is_alive():
             self._reaper = threading.Thread(target=self._retire_idle, name="spare-reaper", daemon=True)
             self._reaper.start()
 
-    def warm(self) -> None:
-        """Have a spare ready (or starting) for a mount expected soon."""
+    def _live(self) -> list[Spare]:
+        """Hold the lock. Forget spares that died; they are returned for the caller to release."""
+        dead = [s for s in self._spares if s.proc.poll() is not None]
+        self._spares = [s for s in self._spares if s not in dead]
+        return dead
+
+    def warm(self, n: int = 1) -> None:
+        """Have `n` spares (at most MAX_SPARES) ready or starting for mounts expected soon."""
         with self._lock:
             if self._closed:
                 return
-            if self._spare is None or self._spare.proc.poll() is not None:
-                self._spare = self._start()
+            dead = self._live()
+            while len(self._spares) < min(n, MAX_SPARES):
+                spare = self._start()
+                if spare is None:
+                    break
+                self._spares.append(spare)
             self._arm()
+        for spare in dead:
+            spare.release()
 
     def take(self, more: bool = False) -> Spare | None:
-        """The spare for a mount now (None if there is none); with `more`, start another for the next mount."""
+        """A spare for a mount now (None if there is none); with `more`, start another for the next mount if
+        none is left."""
         with self._lock:
             if self._closed:
                 return None
-            spare, self._spare = self._spare, None
-            if spare is not None and spare.proc.poll() is not None:
-                spare.release()
-                spare = None
-            if more:
-                self._spare = self._start()
+            dead = self._live()
+            spare = self._spares.pop(0) if self._spares else None
+            if more and not self._spares:
+                nxt = self._start()
+                if nxt is not None:
+                    self._spares.append(nxt)
                 self._arm()
-            return spare
+        for d in dead:
+            d.release()
+        return spare
 
     def drop(self) -> None:
-        """No mount is expected after all: stop the spare now rather than after the idle time."""
-        spare = self.take()
-        if spare is not None:
+        """No mount is expected after all: stop the spares now rather than after the idle time."""
+        with self._lock:
+            spares, self._spares = self._spares, []
+        for spare in spares:
             spare.release()
 
     def _retire_idle(self) -> None:
         while True:
             with self._lock:
-                if self._closed or self._spare is None:
+                if self._closed or not self._spares:
                     self._reaper = None
                     return
                 left = self._deadline - time.monotonic()
                 if left <= 0:
-                    spare, self._spare = self._spare, None
+                    spares, self._spares = self._spares, []
                     self._reaper = None
                     break
             time.sleep(min(left, 1.0))
-        log.debug("retiring idle spare layer server %s", spare.mount_id)
-        spare.release()
+        for spare in spares:
+            log.debug("retiring idle spare layer server %s", spare.mount_id)
+            spare.release()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            spare, self._spare = self._spare, None
-        if spare is not None:
+            spares, self._spares = self._spares, []
+        for spare in spares:
             spare.release()

@@ -226,10 +226,34 @@ class SociDecider:
         modes = self.config.pull_modes
         return modes.soci_v1.enable or modes.soci_v2.enable
 
-    def _on_pull_hint(self) -> None:
-        if self._lazy_modes_on():
-            log.debug("pull hint: starting a spare layer server")
-            self.spares.warm()
+    def _on_pull_hint(self, hints: list[str]) -> None:
+        if not self._lazy_modes_on():
+            return
+        log.debug("pull hint (%s): starting a spare layer server", ", ".join(hints) or "no image named")
+        self.spares.warm()
+        for hint in hints:
+            threading.Thread(target=self._look_up_ahead, args=(hint,), name="pull-hint", daemon=True).start()
+
+    def _look_up_ahead(self, hint: str) -> None:
+        """Resolve a hinted image and discover its index (zTOCs into the store) before its first Prepare, which
+        then finds both remembered; and start a spare for each of its lazy layers. Failures are the Prepare's to
+        report: here they are only logged."""
+        image, _, index_digest = hint.partition(" ")
+        try:
+            ref = parse_reference(image)
+            explicit = index_digest if _is_digest(index_digest) else None
+            with self._once(ref.name):
+                info, fetched = self._image(ref, None)
+                found = self._index(info, explicit, fetched)
+        except Exception as exc:  # noqa: BLE001 - advisory: the Prepare looks again and reports
+            log.info("pull hint %s: not looked up ahead: %s", image, exc)
+            return
+        lazy = sum(1 for d in info.layers if found is not None and self._lazy(d, found) is not None)
+        log.info("pull hint %s: manifest %s, %d lazy layer(s), looked up ahead", image, info.manifest_digest, lazy)
+        if lazy:
+            self.spares.warm(lazy)
+        else:
+            self.spares.drop()  # as its Prepare would: no mount of this image is coming
 
     @contextmanager
     def _once(self, key: str) -> Iterator[None]:

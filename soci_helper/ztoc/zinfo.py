@@ -151,8 +151,14 @@ class GzipZinfo:
         if self._file is not None:
             return
         stored = len(self._windows) // CHECKPOINT_SIZE
-        if os.pread(fd, len(self.raw), offset) != self.raw:
-            raise ZtocError("the zTOC file does not hold these checkpoints")
+        # The header and the first and last checkpoints, not the whole blob (20 ms for 3.5 MB, on the mount's
+        # path): a window that differs anyway fails its crc32 when used, never inflating into wrong bytes.
+        probes = [(0, HEADER_SIZE + CHECKPOINT_SIZE)]
+        if stored > 1:
+            probes.append((len(self.raw) - CHECKPOINT_SIZE, CHECKPOINT_SIZE))
+        for start, n in probes:
+            if os.pread(fd, n, offset + start) != bytes(self.raw[start:start + n]):
+                raise ZtocError("the zTOC file does not hold these checkpoints")
         crcs = [crc32(self._windows[k * CHECKPOINT_SIZE + _POINT.size:(k + 1) * CHECKPOINT_SIZE])
                 for k in range(stored)]
         self._file = _WindowFile(fd, offset, len(self.raw), crcs)
