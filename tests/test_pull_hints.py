@@ -25,6 +25,18 @@ def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
     return bool(cond())
 
 
+class Heard:
+    """A listener's handler: the batches of hints it got, and an event set on each."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.got = threading.Event()
+
+    def __call__(self, hints: list[str]) -> None:
+        self.batches.append(hints)
+        self.got.set()
+
+
 def test_without_a_daemon_a_hint_goes_nowhere_and_creates_nothing(tmp_path: Path) -> None:
     t = time.monotonic()
     assert send(tmp_path) is False
@@ -40,15 +52,10 @@ def test_without_a_daemon_a_hint_goes_nowhere_and_creates_nothing(tmp_path: Path
 
 
 def test_listener_gets_each_burst_of_hints_and_cleans_up(tmp_path: Path) -> None:
-    got = threading.Event()
-    calls: list[float] = []
-
-    def on_hint(hints: list[str]) -> None:
-        calls.append(time.monotonic())
-        got.set()
-
+    heard = Heard()
+    got, calls = heard.got, heard.batches
     (tmp_path / HINT_FILE).write_text("not a fifo")  # taken over: a FIFO is made in its place
-    lis = HintListener(tmp_path, on_hint)
+    lis = HintListener(tmp_path, heard)
     assert lis.start()
     try:
         assert stat.S_ISFIFO(os.lstat(hint_path(tmp_path)).st_mode)
@@ -65,7 +72,7 @@ def test_listener_gets_each_burst_of_hints_and_cleans_up(tmp_path: Path) -> None
         lis.on_hint = lambda hints: (_ for _ in ()).throw(RuntimeError("boom"))
         assert send(tmp_path)
         time.sleep(0.2)
-        lis.on_hint = on_hint
+        lis.on_hint = heard
         got.clear()
         assert send(tmp_path) and got.wait(5.0)
     finally:
@@ -75,14 +82,9 @@ def test_listener_gets_each_burst_of_hints_and_cleans_up(tmp_path: Path) -> None
 
 
 def test_hints_name_the_image_and_junk_is_dropped(tmp_path: Path) -> None:
-    batches: list[list[str]] = []
-    got = threading.Event()
-
-    def on_hint(hints: list[str]) -> None:
-        batches.append(hints)
-        got.set()
-
-    lis = HintListener(tmp_path, on_hint)
+    heard = Heard()
+    got, batches = heard.got, heard.batches
+    lis = HintListener(tmp_path, heard)
     assert lis.start()
     try:
         assert send(tmp_path, "reg.example/app:v1", "sha256:" + "a" * 64)
@@ -158,26 +160,20 @@ def test_with_lazy_pulls_off_a_hint_starts_nothing(tmp_path: Path) -> None:
 def test_rpull_hints_before_loading_grpc_and_still_reports_its_error(tmp_path: Path) -> None:
     """The CLI end: the hint arrives although containerd is not there; the command's one error line survives the
     quick exit (stderr is a pipe here, so it must be flushed before the process ends)."""
-    got = threading.Event()
     root = tmp_path / "root"
     root.mkdir()
-    heard: list[str] = []
-
-    def on_hint(hints: list[str]) -> None:
-        heard.extend(hints)
-        got.set()
-
-    lis = HintListener(root, on_hint)
+    heard = Heard()
+    lis = HintListener(root, heard)
     assert lis.start()
     try:
         r = subprocess.run([sys.executable, "-m", "soci_helper.cli.main", "--root", str(root),
                             "-a", str(tmp_path / "no-containerd.sock"), "image", "rpull", "--plain-http",
                             "127.0.0.1:9/none/such:latest"],
                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-        assert got.wait(5.0)
+        assert heard.got.wait(5.0)
     finally:
         lis.close()
-    assert heard == ["127.0.0.1:9/none/such:latest"]  # the image, for the daemon to look up meanwhile
+    assert heard.batches == [["127.0.0.1:9/none/such:latest"]]  # the image, for the daemon to look up meanwhile
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("soci: error: "), r.stderr
 

@@ -108,6 +108,8 @@ def test_windows_read_from_the_file_equal_the_blobs_and_are_checked(built, tmp_p
         with pytest.raises(ZtocError, match=f"window {k - legacy} changed"):
             disk.window(k)
         assert bytes(disk.window(k + 1)) == bytes(mem.window(k + 1))
+        with pytest.raises(ZtocError, match="changed"):
+            disk.to_bytes()
     finally:
         os.close(fd)
 

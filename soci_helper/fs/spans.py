@@ -203,35 +203,38 @@ class SpanManager:
         us = self._u_start[sid]
         return max(offset, us) - us, min(end, self._u_end[sid]) - us
 
+    def _part(self, data: bytes, sid: int, offset: int, end: int) -> bytes | memoryview:
+        """The part of [offset, end) in span `sid`, given its bytes: a view unless that is all of them."""
+        lo, hi = self._slice(sid, offset, end)
+        return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
+
     def _stored(self, sid: int, offset: int, end: int) -> tuple[bytes | memoryview | None, bool]:
         """The part of [offset, end) in span `sid` if it is at hand (memory or the on-disk cache), and
         whether it came from the disk."""
-        lo, hi = self._slice(sid, offset, end)
         with self._mu:
             data = self._mem.get(sid)
             if data is not None:
                 self._mem.move_to_end(sid)
         if data is not None:
-            return (data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]), False
+            return self._part(data, sid, offset, end), False
+        lo, hi = self._slice(sid, offset, end)
         us = self._u_start[sid]
         part = self.cache.read(self.layer, us, self._u_end[sid] - us, lo, hi - lo)
         return part, part is not None
 
     def _loaded(self, sid: int, item: bytes | _Claim, offset: int, end: int, deadline: float) -> bytes | memoryview:
         """The part of [offset, end) in span `sid` once its load (`item`) is done."""
-        for attempt in range(2):
-            data = self._wait(sid, item, deadline)
-            if data is not None:
-                lo, hi = self._slice(sid, offset, end)
-                return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
+        data = self._wait(sid, item, deadline)
+        if data is None:
             part = self._stored(sid, offset, end)[0]
             if part is not None:
                 return part
-            if attempt == 0:
-                # Gone from the disk since it was loaded (evicted by a tight budget, or damaged): load it
-                # once more, into memory this time.
-                item = self._request([sid], deadline, remember=True, to_memory=True)[sid]
-        raise SpanFetchError(f"{self.layer}: span {sid} vanished from the span cache twice while being read")
+            # Gone from the disk since it was loaded (evicted by a tight budget, or damaged): load it once
+            # more, into memory this time (a load to memory always settles with the bytes).
+            data = self._wait(sid, self._request([sid], deadline, remember=True, to_memory=True)[sid], deadline)
+            if data is None:
+                raise SpanFetchError(f"{self.layer}: span {sid} could not be loaded into memory")
+        return self._part(data, sid, offset, end)
 
     def _maybe_read_ahead(self, offset: int, end: int, last: int, deadline: float, limit: int | None) -> None:
         with self._mu:
@@ -251,10 +254,9 @@ class SpanManager:
             stop = min(stop, self.zinfo.span_of(last_byte) + 1) if last_byte >= 0 else 0
         ahead = range(last + 1, stop)
         if ahead:
-            # One task per span: the pool fetches, verifies and inflates them in parallel.
-            # Not remembered: they would push the span being read out of memory; the read that reaches
-            # one takes it from the on-disk cache (one file read) and keeps it from then on.
-            # Spans already on disk are skipped: loading them here only to drop them would double the work.
+            # One task per span: the pool fetches, verifies and inflates them into the cache in parallel.
+            # Not remembered: should the cache refuse one, it would push the span being read out of memory.
+            # Spans already on disk are skipped.
             self._request(ahead, deadline, remember=False, skip_cached=True, merge=1)
 
     def _request(self, ids: Iterable[int], deadline: float, *, remember: bool, skip_cached: bool = False,

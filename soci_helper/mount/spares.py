@@ -149,10 +149,11 @@ class SparePool:
                 return None
             dead = self._live()
             spare = self._spares.pop(0) if self._spares else None
-            if more and not self._spares:
-                nxt = self._start()
-                if nxt is not None:
-                    self._spares.append(nxt)
+            if more:
+                if not self._spares:
+                    nxt = self._start()
+                    if nxt is not None:
+                        self._spares.append(nxt)
                 self._arm()
         for d in dead:
             d.release()

@@ -211,7 +211,8 @@ class SociDecider:
         # and imports; a spare started when a pull begins does that while the index is discovered and the
         # previous layer mounts.
         self.spares = SparePool(self.root)
-        # `soci image rpull` says so as it starts: the spare's start then overlaps the client's own.
+        # `soci image rpull` names its image as it starts: the spare's start and the index's discovery then
+        # overlap the client's own start.
         self.hints = HintListener(self.root, self._on_pull_hint)
         self.hints.start()
 
@@ -248,7 +249,7 @@ class SociDecider:
         except Exception as exc:  # noqa: BLE001 - advisory: the Prepare looks again and reports
             log.info("pull hint %s: not looked up ahead: %s", image, exc)
             return
-        lazy = sum(1 for d in info.layers if found is not None and self._lazy(d, found) is not None)
+        lazy = self._lazy_layers(info, found)
         log.info("pull hint %s: manifest %s, %d lazy layer(s), looked up ahead", image, info.manifest_digest, lazy)
         if lazy:
             self.spares.warm(lazy)
@@ -383,6 +384,12 @@ class SociDecider:
         z = found.index.ztoc_for_layer(desc.digest)
         return z if z is not None and desc.size >= self.config.snapshotter.min_layer_size else None
 
+    def _lazy_layers(self, info: ImageInfo, found: FoundIndex | None, first: int = 0) -> int:
+        """How many of the image's layers from position `first` on are mounted lazily."""
+        if found is None:
+            return 0
+        return sum(1 for d in info.layers[first:] if self._lazy(d, found) is not None)
+
     def _may_mount(self, ref: Reference, layer: str, manifest_digest: str | None, explicit: str | None) -> bool:
         """Whether a lazy mount of this layer or a later one of its image may follow: False once the image is
         known to have no index, or this and its later layers are all unpacked here."""
@@ -395,11 +402,8 @@ class SociDecider:
             info = self._images.get(f"{ref.name}@{manifest_digest}")
         if hit is None or info is None:
             return True  # the image's first Prepare: nothing known yet
-        found = hit[0]
-        if found is None:
-            return False
         pos = next((i for i, d in enumerate(info.layers) if d.digest == layer), 0)
-        return any(self._lazy(d, found) is not None for d in info.layers[pos:])
+        return self._lazy_layers(info, hit[0], pos) > 0
 
     # --- the hook -----------------------------------------------------------------------
 
@@ -444,7 +448,7 @@ class SociDecider:
                                   f"{info.manifest_digest}, but Prepare targets {req.target}")
         desc = info.layers[pos]
         z = self._lazy(desc, found)
-        more = any(self._lazy(d, found) is not None for d in info.layers[pos + 1:])
+        more = self._lazy_layers(info, found, pos + 1) > 0
         if z is not None:
             return self._mount(req, info, desc, z, more)
         if not more:

@@ -90,18 +90,18 @@ class _Open:
         self.touched = touched
 
 
-def _read_table(fd: int, start: int, length: int) -> tuple[int, ...]:
-    """Check an entry's size and header; its block checksums. Raises _Damaged."""
-    size = os.fstat(fd).st_size
-    if size != entry_size(length):
-        raise _Damaged(f"size {size}, expected {entry_size(length)}")
+def _read_table(fd: int, start: int, length: int) -> tuple[tuple[int, ...], float]:
+    """Check an entry's size and header; its block checksums and mtime. Raises _Damaged (or OSError)."""
+    st = os.fstat(fd)
+    if st.st_size != entry_size(length):
+        raise _Damaged(f"size {st.st_size}, expected {entry_size(length)}")
     head = os.pread(fd, payload_offset(length), 0)
     if len(head) != payload_offset(length):
         raise _Damaged("short read")
     magic, h_start, h_len, h_block = _HEADER.unpack_from(head)
     if magic != _MAGIC or h_start != start or h_len != length or h_block != BLOCK:
         raise _Damaged("bad header")
-    return struct.unpack_from(f"<{_blocks(length)}I", head, HEADER_SIZE)
+    return struct.unpack_from(f"<{_blocks(length)}I", head, HEADER_SIZE), st.st_mtime
 
 
 class EntryWriter:
@@ -349,11 +349,13 @@ class SpanCache:
             log.warning("span cache: cannot open %s: %s", p.name, exc.strerror or exc)
             return None
         try:
-            crcs = _read_table(fd, start, length)
-            touched = os.fstat(fd).st_mtime
-        except (_Damaged, OSError) as exc:
-            why = str(exc) if isinstance(exc, _Damaged) else (exc.strerror or str(exc))
-            self._remove_damaged(p, fd, why)
+            crcs, touched = _read_table(fd, start, length)
+        except _Damaged as exc:
+            self._remove_damaged(p, fd, str(exc))
+            os.close(fd)
+            return None
+        except OSError as exc:  # an I/O error is not proof of damage: leave the entry
+            log.warning("span cache: cannot read %s: %s", p.name, exc.strerror or exc)
             os.close(fd)
             return None
         ent = _Open(p, fd, length, crcs, touched)
@@ -361,49 +363,43 @@ class SpanCache:
         self._insert(ent)
         return ent
 
+    @staticmethod
+    def _retire(ent: _Open) -> None:
+        """Hold _open_mu. `ent` is out of the table: close it now, or its last reader will (_release)."""
+        ent.dropped = True
+        if ent.refs == 0 and ent.fd >= 0:
+            ent.fd, fd = -1, ent.fd
+            os.close(fd)
+
     def _insert(self, ent: _Open) -> None:
-        """Make `ent` the open entry of its path (closing the one it replaces and the least recently used)."""
-        close: list[_Open] = []
+        """Make `ent` the open entry of its path (retiring the one it replaces and the least recently used)."""
         with self._open_mu:
             old = self._open.pop(ent.path, None)
             if old is not None:
-                old.dropped = True
-                close.append(old)
+                self._retire(old)
             self._open[ent.path] = ent
             while len(self._open) > OPEN_ENTRIES:
-                _, lru = self._open.popitem(last=False)
-                lru.dropped = True
-                close.append(lru)
-            close = [e for e in close if e.refs == 0]
-            for e in close:
-                e.fd, fd = -1, e.fd
-                os.close(fd)
+                self._retire(self._open.popitem(last=False)[1])
 
     def _release(self, ent: _Open) -> None:
         with self._open_mu:
             ent.refs -= 1
-            if ent.dropped and ent.refs == 0 and ent.fd >= 0:
-                ent.fd, fd = -1, ent.fd
-                os.close(fd)
+            if ent.dropped:
+                self._retire(ent)
 
     def _forget(self, p: Path) -> None:
         """Close an entry removed from disk (eviction), once its readers are done."""
         with self._open_mu:
             ent = self._open.pop(p, None)
-            if ent is None:
-                return
-            ent.dropped = True
-            if ent.refs == 0 and ent.fd >= 0:
-                ent.fd, fd = -1, ent.fd
-                os.close(fd)
+            if ent is not None:
+                self._retire(ent)
 
     def _drop(self, ent: _Open, why: str) -> None:
         with self._open_mu:
             if self._open.get(ent.path) is ent:
                 del self._open[ent.path]
-            ent.dropped = True
+            self._retire(ent)  # the caller still reads it: closed in its _release
             fd = ent.fd
-        # Still ours to close in _release (refs > 0 here).
         self._remove_damaged(ent.path, fd, why)
 
     def _remove_damaged(self, p: Path, fd: int, why: str) -> None:
@@ -416,14 +412,9 @@ class SpanCache:
     def close(self) -> None:
         """Close the open entries (readers in progress finish first)."""
         with self._open_mu:
-            ents = list(self._open.values())
+            for ent in self._open.values():
+                self._retire(ent)
             self._open.clear()
-        for ent in ents:
-            with self._open_mu:
-                ent.dropped = True
-                if ent.refs == 0 and ent.fd >= 0:
-                    ent.fd, fd = -1, ent.fd
-                    os.close(fd)
 
     # -- writes ------------------------------------------------------------
 

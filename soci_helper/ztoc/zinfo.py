@@ -213,9 +213,15 @@ class _WindowFile:
         return memoryview(w)
 
     def blob(self) -> bytes:
+        """The whole blob, every window checked."""
         data = os.pread(self.fd, self.size, self.offset)
         if len(data) != self.size:
             raise ZtocError("the zTOC file is shorter than its checkpoints")
+        mv = memoryview(data)
+        for k, want in enumerate(self.crcs):
+            start = HEADER_SIZE + k * CHECKPOINT_SIZE + _POINT.size
+            if crc32(mv[start:start + WINDOW_SIZE]) != want:
+                raise ZtocError(f"checkpoint window {k} changed in the zTOC file since it was verified")
         return data
 
 
