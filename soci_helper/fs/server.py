@@ -32,9 +32,12 @@ STATS_PERIOD_SEC = 2.0
 # A server lets go of spans and freed heap after one whole quiet stats period, so this long after its last
 # read it is surely at rest (the period it went quiet in, the quiet one, and a margin).
 AT_REST_AFTER_SEC = 2 * STATS_PERIOD_SEC + 1.0
-# The kernel's read-ahead on the mount: more FUSE reads in flight keep both cores busy on a sequential read.
-# Measured on 1, 2, 4, 8 and 16 MiB (soci-bench fs reads): 4 MiB was best; beyond it, bigger only added noise.
-READ_AHEAD_KB = 4096
+# The kernel's read-ahead on the mount. It is also the read-around of every page fault on a mapped file: a
+# program's loader maps dozens of shared libraries, and each fault pulled in this much around it, spans
+# and all. 1 MiB against 4 MiB (interleaved runs): ffmpeg's lazy start fetched 112 MB instead of 127, while
+# sequential reads of a 100 MB file stayed as fast (215 vs 206 MB/s cold, 1.49 vs 1.24 GB/s from the span
+# cache); 512 KiB fetched 107 MB but read from the span cache at 0.97 GB/s.
+READ_AHEAD_KB = 1024
 THREAD_STACK = 512 << 10
 # Compressed spans (a MiB or so) and read buffers (128 KiB and up) are made and freed all the time. By default
 # glibc gives each back to the kernel on free (mmap, or a heap trim) and the next one is page-faulted in afresh:
