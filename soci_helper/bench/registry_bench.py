@@ -2,8 +2,11 @@
 
 curl's side runs in one process for all ranges (`--next` between them), so it
 keeps one connection like our client does; one process per range would
-charge curl for 64 process starts. Runs alternate client and curl, and the
-table shows medians.
+charge curl for 64 process starts. The client checks every blob's sha256 as
+it reads and curl checks nothing, so the whole blob is also measured against
+curl piped into `openssl dgst -sha256` (OpenSSL's sha256, the one the client
+uses): the same work, download and verify. Runs alternate client and curl,
+and the table shows medians.
 """
 
 from __future__ import annotations
@@ -75,6 +78,13 @@ def run(args: argparse.Namespace | list[str] | None = None) -> list[dict[str, st
             def curl_whole() -> None:
                 _curl(["-o", "/dev/null", url])
 
+            def curl_verified() -> None:
+                with subprocess.Popen(["curl", "-sS", "--fail", url], stdout=subprocess.PIPE) as curl:
+                    got = subprocess.run(["openssl", "dgst", "-sha256", "-r"], stdin=curl.stdout,
+                                         capture_output=True, text=True, check=True).stdout
+                if curl.returncode != 0 or "sha256:" + got.split()[0] != digest:
+                    raise RuntimeError("curl | openssl dgst: download or digest failed")
+
             def client_ranges() -> None:
                 for off in offsets:
                     if len(client.get_blob_range(REPO, digest, off, RANGE_SIZE)) != RANGE_SIZE:
@@ -90,10 +100,12 @@ def run(args: argparse.Namespace | list[str] | None = None) -> list[dict[str, st
 
             client_whole()  # warm the registry's page cache and the connection pool
             curl_whole()
-            times: dict[str, list[float]] = {k: [] for k in ("cw", "uw", "cr", "ur")}
+            curl_verified()
+            times: dict[str, list[float]] = {k: [] for k in ("cw", "uw", "uv", "cr", "ur")}
             for _ in range(ns.runs):
                 times["cw"].append(_timed(client_whole))
                 times["uw"].append(_timed(curl_whole))
+                times["uv"].append(_timed(curl_verified))
                 times["cr"].append(_timed(client_ranges))
                 times["ur"].append(_timed(curl_ranges))
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -104,6 +116,10 @@ def run(args: argparse.Namespace | list[str] | None = None) -> list[dict[str, st
              "client": f"{med['cw']:.3f} s ({mb / med['cw']:.0f} MiB/s)",
              "curl": f"{med['uw']:.3f} s ({mb / med['uw']:.0f} MiB/s)",
              "client speed / curl": f"{med['uw'] / med['cw']:.2f}x", "target": ">= 0.8x"},
+            {"test": f"whole blob {ns.size_mb} MiB, downloaded and verified (curl piped into openssl dgst -sha256)",
+             "client": f"{med['cw']:.3f} s ({mb / med['cw']:.0f} MiB/s)",
+             "curl": f"{med['uv']:.3f} s ({mb / med['uv']:.0f} MiB/s)",
+             "client speed / curl": f"{med['uv'] / med['cw']:.2f}x", "target": ""},
             {"test": f"{ns.ranges} x 4 MiB ranges, per range",
              "client": f"{med['cr'] / n * 1000:.2f} ms",
              "curl": f"{med['ur'] / n * 1000:.2f} ms",
