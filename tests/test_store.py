@@ -37,6 +37,27 @@ def test_mismatch_leaves_nothing(tmp_path):
     assert list((tmp_path / "content" / "ingest").iterdir()) == []
 
 
+def test_ingest_of_a_stream_that_verifies_itself(tmp_path):
+    store = ContentStore(tmp_path)
+    data = os.urandom(300_000)
+    d = dg.of_bytes(data)
+
+    def stream(fail: bool):
+        yield data[:100_000]
+        yield data[100_000:]
+        if fail:  # as a registry client's blob stream does after its last chunk
+            raise DigestError("blob digest mismatch")
+
+    with pytest.raises(DigestError):
+        store.ingest(stream(True), d, verified=True)
+    assert not store.has(d)
+    assert list((tmp_path / "content" / "ingest").iterdir()) == []
+    assert store.ingest(stream(False), d, verified=True) == d
+    assert store.read(d) == data  # read() still checks the digest
+    with pytest.raises(ValueError):
+        store.ingest([b"x"], verified=True)
+
+
 def test_damaged_blob_is_reported(tmp_path):
     store = ContentStore(tmp_path)
     d = store.write(b"hello world")
