@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-from test_codec import make_ztoc
+from test_codec import _craft, make_ztoc
 
 from soci_helper.errors import ZtocError
 from soci_helper.fs.inodes import InodeTable
 from soci_helper.ztoc import codec, forked
-from soci_helper.ztoc.forked import BATCH_ENTRIES, decode_raw_forked, decodes_in_child
+from soci_helper.ztoc.forked import decode_raw_forked, decodes_in_child
 from soci_helper.ztoc.model import Ztoc
 
 
@@ -34,7 +34,7 @@ def always_fork(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(forked, "FORK_MIN_TOC_BYTES", 0)
 
 
-def _many(count: int = 3 * BATCH_ENTRIES + 17) -> Ztoc:
+def _many(count: int = 3089) -> Ztoc:
     return make_ztoc(count=count, seed=3)
 
 
@@ -66,7 +66,7 @@ def test_an_entry_error_after_some_batches_is_the_same_error():
 
 
 def test_unordered_entries_are_reported_at_the_end_and_the_table_falls_back():
-    z = _many(BATCH_ENTRIES + 5)
+    z = _many(1029)
     z.files.reverse()
     data = codec.encode(z)
     got = []
@@ -116,3 +116,50 @@ def test_only_a_big_table_is_decoded_in_a_child(monkeypatch: pytest.MonkeyPatch)
     small = codec.encode(make_ztoc(count=50, seed=4))
     _, entries = decode_raw_forked(small)
     assert forks == [1] and len(list(entries)) == 50
+
+
+def test_data_order_is_checked_across_the_cut(monkeypatch: pytest.MonkeyPatch):
+    z = _many(1000)
+    k = int(len(z.files) * forked.FIRST_SHARE)
+    # Each part in data order, the two parts swapped: only the cut between them is out of order.
+    z.files = z.files[-k:] + z.files[:-k]
+    data = codec.encode(z)
+    head, entries = codec.decode_raw(data)
+    first, tail = entries.split(k)  # type: ignore[attr-defined]
+    assert len(list(first)) == k
+    *batches, (_, ((_, _, unordered), error)) = tail.batches(100)
+    assert sum(len(b) for _, b in batches) == len(z.files) - k and not unordered and error is None
+    got = []
+    with pytest.raises(codec.UnorderedEntries):
+        got.extend(decode_raw_forked(data)[1])
+    assert len(got) == len(z.files)
+    table, _ = InodeTable.from_bytes(data, forked=True)
+    assert table.listing(1) == InodeTable.from_bytes(data)[0].listing(1)
+
+
+def test_text_read_by_both_processes_counts_against_the_buffer(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(forked, "FIRST_SHARE", 0.5)
+    data = _craft(entries=4, name=b"n" * 41, usize=1 << 40)  # one entry table listed four times
+    with pytest.raises(ZtocError) as serial:
+        list(codec.decode_raw(data)[1])
+    assert "more text" in str(serial.value)
+    # Either half alone stays within the buffer's size: only the sum of the two is too much.
+    first, _ = codec.decode_raw(data)[1].split(2)  # type: ignore[attr-defined]
+    with pytest.raises(codec.UnorderedEntries):
+        list(first)
+    _, tail = codec.decode_raw(data)[1].split(2)  # type: ignore[attr-defined]
+    *_, (_, (_, error)) = tail.batches(100)
+    assert error is None
+    with pytest.raises(ZtocError) as both:
+        list(decode_raw_forked(data)[1])
+    assert str(both.value) == str(serial.value)
+
+
+def test_an_error_in_the_first_part_stops_the_child():
+    z = _many()
+    z.files[3].uncompressed_size = z.uncompressed_archive_size  # early: in the part this process decodes
+    data = codec.encode(z)
+    got = []
+    with pytest.raises(ZtocError, match="outside the archive"):
+        got.extend(decode_raw_forked(data)[1])
+    assert len(got) == 3

@@ -24,6 +24,7 @@ import re
 import struct
 from collections.abc import Callable, Iterator
 from operator import itemgetter
+from typing import Any
 
 from soci_helper import digest as _digest
 from soci_helper.errors import DigestError, ZtocError
@@ -714,7 +715,84 @@ def decode_raw(data: bytes | bytearray | memoryview) -> tuple[Ztoc, Iterator[Raw
         raise ZtocError("zTOC has an offset pointing outside the buffer") from None
     except (IndexError, OverflowError, RecursionError) as e:
         raise ZtocError(f"zTOC is malformed ({type(e).__name__})") from None
-    return head, _iter_raw(r, positions, head.uncompressed_archive_size)
+    return head, RawEntries(r, positions, head.uncompressed_archive_size)
+
+
+class RawEntries:
+    """The iterator decode_raw returns. Before it is started, `split(k)` cuts it in two: entries [0, k) and
+    [k, end), each checked on its own as the whole would be; `RawTail.finish` then checks what spans the
+    cut. For decoding the two parts in two processes (see forked.py)."""
+
+    def __init__(self, r: _Reader, positions: list[int], usize: int) -> None:
+        self._r, self._positions, self._usize = r, positions, usize
+        self._it: Iterator[RawEntry] | None = None
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __iter__(self) -> RawEntries:
+        return self
+
+    def __next__(self) -> RawEntry:
+        if self._it is None:
+            self._it = _iter_raw(self._r, self._positions, self._usize)
+        return next(self._it)
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()  # type: ignore[attr-defined]
+
+    def split(self, k: int) -> tuple[Iterator[RawEntry], RawTail]:
+        if self._it is not None:
+            raise ValueError("cannot split entries already being read")
+        k = max(0, min(k, len(self._positions)))
+        return (_iter_raw(self._r, self._positions[:k], self._usize),
+                RawTail(self._r, self._positions[k:], self._usize))
+
+
+class RawTail:
+    """The entries after a split: `batches()` decodes them (in a child process, typically), `finish()` then
+    applies what that read to the reader of the first part."""
+
+    def __init__(self, r: _Reader, positions: list[int], usize: int) -> None:
+        self._r, self._positions, self._usize = r, positions, usize
+
+    def batches(self, size: int) -> Iterator[tuple[int, Any]]:
+        """Decode the entries (in a child process, typically): (1, a list of up to `size` entries) for each
+        batch, then (2, (usage, error)): usage = (text read, xattrs read, stored out of data order), error
+        the message of an invalid entry, after the batches of every entry before it, or None."""
+        r = self._r
+        budget, xattrs = r.budget, r.xattrs
+        batch: list[RawEntry] = []
+        unordered, error = False, None
+        try:
+            for entry in _iter_raw(r, self._positions, self._usize):
+                batch.append(entry)
+                if len(batch) >= size:
+                    yield 1, batch
+                    batch = []
+        except UnorderedEntries:
+            unordered = True
+        except ZtocError as exc:
+            error = str(exc)
+        if batch:
+            yield 1, batch
+        yield 2, ((budget - r.budget, r.xattrs - xattrs, unordered), error)
+
+    def finish(self, usage: tuple[int, int, bool]) -> bool:
+        """In the process that read the first part (its reader is this one's): check the whole against the
+        buffer once both parts are read, total text and xattrs within bounds. Returns whether the second part
+        was out of data order (the cut between the parts is the caller's to check); raises ZtocError as
+        decoding the whole would."""
+        r = self._r
+        text, xattrs, unordered = usage
+        r.budget -= text
+        if r.budget < 0:
+            raise ZtocError("zTOC references more text than it contains (shared or looping references)")
+        r.xattrs += xattrs
+        if 4 * r.xattrs > r.n:
+            raise ZtocError("zTOC references more xattrs than it contains (shared references)")
+        return unordered
 
 
 def _iter_raw(r: _Reader, positions: list[int], usize: int) -> Iterator[RawEntry]:
