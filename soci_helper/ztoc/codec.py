@@ -754,6 +754,8 @@ class RawTail:
     """The entries after a split: `batches()` decodes them (in a child process, typically), `finish()` then
     applies what that read to the reader of the first part."""
 
+    BATCH, END = 1, 2  # the kinds of what batches() yields
+
     def __init__(self, r: _Reader, positions: list[int], usize: int) -> None:
         self._r, self._positions, self._usize = r, positions, usize
 
@@ -769,15 +771,15 @@ class RawTail:
             for entry in _iter_raw(r, self._positions, self._usize):
                 batch.append(entry)
                 if len(batch) >= size:
-                    yield 1, batch
+                    yield self.BATCH, batch
                     batch = []
         except UnorderedEntries:
             unordered = True
         except ZtocError as exc:
             error = str(exc)
         if batch:
-            yield 1, batch
-        yield 2, ((budget - r.budget, r.xattrs - xattrs, unordered), error)
+            yield self.BATCH, batch
+        yield self.END, ((budget - r.budget, r.xattrs - xattrs, unordered), error)
 
     def finish(self, usage: tuple[int, int, bool]) -> bool:
         """In the process that read the first part (its reader is this one's): check the whole against the

@@ -15,7 +15,6 @@ from .model import Ztoc
 
 # Notes on the pipe: kind, where the marshalled payload lies in the memory file, and its size.
 _NOTE = struct.Struct("<BQQ")
-_BATCH, _END = 1, 2
 # Entries per batch: the caller takes up the child's entries a batch at a time.
 BATCH_ENTRIES = 1024
 # Below this many bytes of entries (4,000 of a real layer's) a fork costs more than the second core saves:
@@ -107,8 +106,11 @@ def _joined(first: Iterator[codec.RawEntry], tail: codec.RawTail, r: int, buf: i
             if len(note) != _NOTE.size:
                 raise ZtocError("zTOC decoding failed: the decoding process died")
             kind, at, size = _NOTE.unpack(note)
-            payload = marshal.loads(os.pread(buf, size, at))
-            if kind == _BATCH:
+            raw = os.pread(buf, size, at)
+            if len(raw) != size:
+                raise ZtocError("zTOC decoding failed: the decoding process died")
+            payload = marshal.loads(raw)
+            if kind == codec.RawTail.BATCH:
                 if first_tail and payload:
                     first_tail = False
                     if last is not None and payload[0][2] < (last[2] + last[3] + 511) & ~511:
