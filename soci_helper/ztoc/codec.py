@@ -720,8 +720,9 @@ def decode_raw(data: bytes | bytearray | memoryview) -> tuple[Ztoc, Iterator[Raw
 
 class RawEntries:
     """The iterator decode_raw returns. Before it is started, `split(k)` cuts it in two: entries [0, k) and
-    [k, end), each checked on its own as the whole would be; `RawTail.finish` then checks what spans the
-    cut. For decoding the two parts in two processes (see forked.py)."""
+    [k, end), each checked on its own as the whole would be; `RawTail.finish` then checks the totals of
+    both, and the caller the data order across the cut. For decoding the two parts in two processes (see
+    forked.py)."""
 
     def __init__(self, r: _Reader, positions: list[int], usize: int) -> None:
         self._r, self._positions, self._usize = r, positions, usize
