@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -163,3 +164,15 @@ def test_an_error_in_the_first_part_stops_the_child():
     with pytest.raises(ZtocError, match="outside the archive"):
         got.extend(decode_raw_forked(data)[1])
     assert len(got) == 3
+
+
+def test_a_result_never_read_closes_its_descriptors():
+    before_fds = set(os.listdir("/proc/self/fd"))
+    before = _children()
+    _, entries = decode_raw_forked(codec.encode(_many()))
+    (child,) = _children() - before
+    del entries
+    gc.collect()
+    assert set(os.listdir("/proc/self/fd")) <= before_fds
+    # Its notes unread, the child fails its next write and exits; reaped here so that no zombie stays.
+    assert os.waitpid(int(child), 0)[0] == int(child)

@@ -761,9 +761,9 @@ class RawTail:
         self._r, self._positions, self._usize = r, positions, usize
 
     def batches(self, size: int) -> Iterator[tuple[int, Any]]:
-        """Decode the entries (in a child process, typically): (1, a list of up to `size` entries) for each
-        batch, then (2, (usage, error)): usage = (text read, xattrs read, stored out of data order), error
-        the message of an invalid entry, after the batches of every entry before it, or None."""
+        """Decode the entries (in a child process, typically): (BATCH, a list of up to `size` entries) for
+        each batch, then (END, (usage, error)): usage = (text read, xattrs read, stored out of data order),
+        error the message of an invalid entry, after the batches of every entry before it, or None."""
         r = self._r
         budget, xattrs = r.budget, r.xattrs
         batch: list[RawEntry] = []

@@ -8,6 +8,7 @@ import os
 import signal
 import struct
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from ..errors import ZtocError
 from . import codec
@@ -74,21 +75,24 @@ def decode_raw_forked(data: bytes, min_toc_bytes: int | None = None,
         finally:
             os._exit(code)
     os.close(w)
-    return head, _joined(first, tail, r, buf, pid)
+    # Opened here, not in the generator: a generator never started still closes both when collected (and the
+    # child, its notes unread, then fails its next write and exits).
+    return head, _joined(first, tail, os.fdopen(r, "rb", buffering=0), os.fdopen(buf, "rb", buffering=0), pid)
 
 
 def _produce(w: int, buf: int, tail: codec.RawTail) -> None:
     at = 0
     for kind, payload in tail.batches(BATCH_ENTRIES):
         data = marshal.dumps(payload)
-        view = memoryview(data)
+        view, pos = memoryview(data), at
         while view:
-            view = view[os.pwrite(buf, view, at + len(data) - len(view)):]
+            n = os.pwrite(buf, view, pos)
+            view, pos = view[n:], pos + n
         os.write(w, _NOTE.pack(kind, at, len(data)))
         at += len(data)
 
 
-def _joined(first: Iterator[codec.RawEntry], tail: codec.RawTail, r: int, buf: int,
+def _joined(first: Iterator[codec.RawEntry], tail: codec.RawTail, notes: BinaryIO, buf: BinaryIO,
             pid: int) -> Iterator[codec.RawEntry]:
     done = False
     try:
@@ -102,11 +106,11 @@ def _joined(first: Iterator[codec.RawEntry], tail: codec.RawTail, r: int, buf: i
             unordered = True
         first_tail = True
         while True:
-            note = os.read(r, _NOTE.size)
-            if len(note) != _NOTE.size:
+            note = notes.read(_NOTE.size)
+            if note is None or len(note) != _NOTE.size:
                 raise ZtocError("zTOC decoding failed: the decoding process died")
             kind, at, size = _NOTE.unpack(note)
-            raw = os.pread(buf, size, at)
+            raw = os.pread(buf.fileno(), size, at)
             if len(raw) != size:
                 raise ZtocError("zTOC decoding failed: the decoding process died")
             payload = marshal.loads(raw)
@@ -126,8 +130,8 @@ def _joined(first: Iterator[codec.RawEntry], tail: codec.RawTail, r: int, buf: i
                 raise codec.UnorderedEntries("zTOC entries are not stored in data order")
             return
     finally:
-        os.close(r)
-        os.close(buf)
+        notes.close()
+        buf.close()
         if not done:
             # Stopped early (an error, or a consumer that had enough): the child's work is not wanted.
             with contextlib.suppress(ProcessLookupError):
