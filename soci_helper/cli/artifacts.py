@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from ..errors import SociError
 from ..index import ops
 from ..index import soci_index as si
-from ..index.build import BuildOptions, IndexBuilder
+from ..index.build import BuildOptions, IndexBuilder, IndexResult
 from ..index.convert import convert
+from ..index.loadorder import item_for_path, read_document
 from ..oci.source import open_source, select_images
 from ..store.artifacts import TYPE_INDEX, TYPE_ZTOC
 from ..ztoc.info import describe
@@ -27,10 +28,20 @@ def _build_options(args: argparse.Namespace, artifact_type: str) -> BuildOptions
         raise SociError("--span-size must be positive")
     if args.head_span < 0:
         raise SociError("--head-span must not be negative")
+    prefetch = [item_for_path(p) for p in args.prefetch_file]
+    if args.prefetch_files_json:
+        prefetch += read_document(args.prefetch_files_json)
     return BuildOptions(
         span_size=args.span_size, head_span=args.head_span, min_layer_size=args.min_layer_size, force=args.force,
-        artifact_type=artifact_type,
+        artifact_type=artifact_type, prefetch=prefetch,
     )
+
+
+def _print_prefetches(result: IndexResult, requested: int) -> None:
+    for p in result.prefetches:
+        print(p.line())
+    if result.prefetch_missing:
+        print(f"prefetch: {len(result.prefetch_missing)} of {requested} paths are in no indexed layer")
 
 
 class _LayerBars:
@@ -55,10 +66,12 @@ class _LayerBars:
 
 
 def cmd_create(args: argparse.Namespace, store: ops.Store) -> int:
+    # Options first: a bad prefetch list fails before anything is fetched or written.
+    build = _build_options(args, si.ARTIFACT_TYPE_V1)
     opts = source_options(args)
     source = open_source(args.image, opts)
     images = select_images(source, opts)
-    builder = IndexBuilder(store.content, store.db, _build_options(args, si.ARTIFACT_TYPE_V1))
+    builder = IndexBuilder(store.content, store.db, build)
     bars = _LayerBars()
 
     def on_layer(res) -> None:  # type: ignore[no-untyped-def]
@@ -68,11 +81,13 @@ def cmd_create(args: argparse.Namespace, store: ops.Store) -> int:
     for image in images:
         result = builder.build_index(source, image, source.ref, on_layer, bars)
         bars.close()
+        _print_prefetches(result, len(build.prefetch))
         print(f"soci index {result.digest} for {image.descriptor.digest} ({image.platform_string()})")
     return 0
 
 
 def cmd_convert(args: argparse.Namespace, store: ops.Store) -> int:
+    build = _build_options(args, si.ARTIFACT_TYPE_V2)
     opts = source_options(args)
     bars = _LayerBars()
 
@@ -80,7 +95,11 @@ def cmd_convert(args: argparse.Namespace, store: ops.Store) -> int:
         bars.close()
         print(res.line(), flush=True)
 
-    result = convert(args.source, args.dest, store, opts, _build_options(args, si.ARTIFACT_TYPE_V2), on_layer, bars)
+    def on_index(res: IndexResult) -> None:
+        bars.close()
+        _print_prefetches(res, len(build.prefetch))
+
+    result = convert(args.source, args.dest, store, opts, build, on_layer, bars, on_index)
     bars.close()
     print(f"converted {args.source} -> {args.dest}: image index {result.digest}")
     return 0

@@ -35,6 +35,15 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
         "--min-layer-size", type=int, default=DEFAULT_MIN_LAYER_SIZE, help="layers smaller than this get no zTOC"
     )
     p.add_argument("-f", "--force", action="store_true", help="rebuild zTOCs that already exist")
+    p.add_argument(
+        "--prefetch-file", action="append", default=[], metavar="PATH",
+        help="a file to fetch when its layer is mounted (repeatable; kept in order): a prefetch artifact per layer",
+    )
+    p.add_argument(
+        "--prefetch-files-json", metavar="FILE",
+        help="a JSON array of paths, or of {\"path\", \"offset\", \"length\"} segments in the order a workload "
+        "reads them, to prefetch like --prefetch-file (after those)",
+    )
 
 
 def _artifacts(name: str) -> Command:

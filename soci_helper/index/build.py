@@ -15,9 +15,11 @@ from ..oci.source import ImageManifestInfo, ImageSource
 from ..store.artifacts import TYPE_INDEX, TYPE_ZTOC, ArtifactEntry, ArtifactsDB
 from ..store.content import ContentStore
 from ..ztoc import codec
+from ..ztoc import prefetch as pf
 from ..ztoc.builder import GZIP, UNCOMPRESSED, build_ztoc
-from ..ztoc.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+from ..ztoc.model import DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE, Ztoc
 from . import soci_index as si
+from .loadorder import LoadOrderItem, plan_spans
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ class BuildOptions:
     force: bool = False
     build_tool: str = BUILD_TOOL
     artifact_type: str = si.ARTIFACT_TYPE_V1
+    # Files or segments to prefetch at mount, in the order a workload reads them (empty: no prefetch artifacts).
+    prefetch: list[LoadOrderItem] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -48,12 +52,23 @@ class LayerResult:
 
 
 @dataclass(slots=True)
+class PrefetchResult:
+    ref: si.PrefetchRef
+    spans: int  # how many span ids the artifact lists
+
+    def line(self) -> str:
+        return f"layer {self.ref.layer_digest} -> prefetch {self.ref.digest} ({self.spans} spans)"
+
+
+@dataclass(slots=True)
 class IndexResult:
     image: ImageManifestInfo
     digest: str
     size: int
     index: si.SociIndex
     layers: list[LayerResult] = field(default_factory=list)
+    prefetches: list[PrefetchResult] = field(default_factory=list)
+    prefetch_missing: list[LoadOrderItem] = field(default_factory=list)  # in no indexed layer
 
 
 # Progress hooks: (layer descriptor, compressed bytes done) while a layer is read.
@@ -134,12 +149,14 @@ class IndexBuilder:
             if on_layer is not None:
                 on_layer(res)
         ztocs = [r.ztoc for r in results if r.ztoc is not None]
+        prefetches, missing = self.build_prefetches(ztocs) if self.opts.prefetch else ([], [])
         v1 = self.opts.artifact_type == si.ARTIFACT_TYPE_V1
         subject = None
         if v1:
             d = image.descriptor
             subject = si.descriptor(d.media_type, d.digest, d.size)
-        index = si.SociIndex(self.opts.artifact_type, ztocs, self.opts.build_tool, subject)
+        index = si.SociIndex(self.opts.artifact_type, ztocs, self.opts.build_tool, subject,
+                             prefetches=[p.ref for p in prefetches])
         data = si.serialize(index)
         digest = self.store.write(data)
         # The image manifest and config are kept too, so rebuild-db can recover what an index is for.
@@ -160,4 +177,26 @@ class IndexBuilder:
                 artifact_type=self.opts.artifact_type,
             )
         )
-        return IndexResult(image, digest, len(data), index, results)
+        return IndexResult(image, digest, len(data), index, results, prefetches, missing)
+
+    def build_prefetches(self, ztocs: list[si.ZtocRef]) -> tuple[list[PrefetchResult], list[LoadOrderItem]]:
+        """One prefetch artifact per layer the load order touches, written to the store, in layer order."""
+
+        def loader(z: si.ZtocRef) -> Callable[[], Ztoc]:
+            # From the store for built and reused zTOCs alike: build_layer keeps none in memory.
+            return lambda: codec.decode(self.store.read(z.digest))
+
+        items = self.opts.prefetch
+        plan = plan_spans(items, [(z.layer_digest, loader(z)) for z in reversed(ztocs)])
+        for it in plan.missing:
+            log.warning("prefetch: %s is in no indexed layer; skipped", it.path)
+        out: list[PrefetchResult] = []
+        for z in ztocs:
+            # pop: a layer listed twice in the manifest gets one artifact, as it has one zTOC.
+            ids = plan.spans.pop(z.layer_digest, None)
+            if not ids:
+                continue
+            blob = pf.encode(pf.from_order(ids))
+            ref = si.PrefetchRef(self.store.write(blob), len(blob), z.layer_digest)
+            out.append(PrefetchResult(ref, len(ids)))
+        return out, plan.missing

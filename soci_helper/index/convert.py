@@ -18,7 +18,7 @@ from ..oci.manifest import Descriptor
 from ..oci.source import ImageManifestInfo, ImageSource, SourceOptions, open_source, select_images
 from ..store.artifacts import TYPE_INDEX, ArtifactEntry
 from . import soci_index as si
-from .build import BuildOptions, IndexBuilder, LayerProgress, LayerResult
+from .build import BuildOptions, IndexBuilder, IndexResult, LayerProgress, LayerResult
 from .ops import Store
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ def convert(
     build: BuildOptions,
     on_layer: Callable[[LayerResult], None] | None = None,
     progress: LayerProgress | None = None,
+    on_index: Callable[[IndexResult], None] | None = None,
 ) -> ConvertResult:
     src = open_source(src_spec, opts)
     dst = open_source(dst_spec, opts, create=True)
@@ -74,11 +75,16 @@ def convert(
     pairs: list[tuple[str, str]] = []
     for image in images:
         result = builder.build_index(src, image, src.ref, on_layer, progress)
+        if on_index is not None:
+            on_index(result)
         for blob in [image.manifest.config, *image.manifest.layers]:
             _copy_blob(src, dst, blob)
         for z in result.index.ztocs:
             dst.push_blob(Descriptor(media_type=si.ZTOC_MEDIA_TYPE, digest=z.digest, size=z.size),
                           str(store.content.path(z.digest)))
+        for p in result.index.prefetches:
+            dst.push_blob(Descriptor(media_type=si.PREFETCH_MEDIA_TYPE, digest=p.digest, size=p.size),
+                          str(store.content.path(p.digest)))
         empty = Descriptor(media_type=si.ARTIFACT_TYPE_V2, digest=si.EMPTY_CONFIG_DIGEST, size=len(si.EMPTY_CONFIG))
         if not dst.has_blob(empty):
             dst.push_blob(empty, si.EMPTY_CONFIG)

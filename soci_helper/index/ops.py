@@ -62,14 +62,13 @@ class Store:
         raise SociError(f"{prefix} names {len(rows)} {what}es; give more of the digest")
 
     def remove_index(self, digest: str) -> list[str]:
-        """Remove an index and the zTOCs no other index uses; returns the removed digests."""
+        """Remove an index and the zTOCs and prefetch artifacts no other index uses; returns the removed digests."""
         entry = self.db.get(digest)
         if entry is None or entry.type != TYPE_INDEX:
             raise NotFound(f"no index {digest} in the local store")
         removed = [digest]
         try:
-            index = self.load_index(digest)
-            mine = {z.digest for z in index.ztocs}
+            mine = _blobs_of(self.load_index(digest))
         except SociError:
             mine = set()
         self.db.remove(digest)
@@ -77,7 +76,7 @@ class Store:
         still_used: set[str] = set()
         for other in self.db.indexes():
             try:
-                still_used |= {z.digest for z in self.load_index(other.digest).ztocs}
+                still_used |= _blobs_of(self.load_index(other.digest))
             except SociError:
                 continue
         for z in sorted(mine - still_used):
@@ -153,6 +152,10 @@ class Store:
                     )
                 )
                 n_ztocs += 1
+            # Prefetch artifacts have no database rows: indexes alone say which are in use.
+            for p in index.prefetches:
+                if not self.content.has(p.digest):
+                    log.warning("index %s lists prefetch artifact %s, which is not in the store", d, p.digest)
         return len(indexes), n_ztocs
 
     def _platform_of(self, manifest: dict | None) -> str:
@@ -169,6 +172,11 @@ class Store:
         if doc.get("variant"):
             parts.append(doc["variant"])
         return "/".join(str(p) for p in parts if p)
+
+
+def _blobs_of(index: si.SociIndex) -> set[str]:
+    """The blobs an index lists besides its config: zTOCs and prefetch artifacts."""
+    return {z.digest for z in index.ztocs} | {p.digest for p in index.prefetches}
 
 
 def layer_fetcher(store: Store, ztoc_digest: str, image: str | None, opts: SourceOptions) -> Fetch:

@@ -1,4 +1,4 @@
-"""`soci push`: upload local v1 SOCI indexes and their zTOCs, and keep the referrers tag schema up to date."""
+"""`soci push`: upload local v1 SOCI indexes and the blobs they list, and keep the referrers tag schema up to date."""
 
 from __future__ import annotations
 
@@ -187,12 +187,13 @@ def _push_index(client: RegistryClient, repo: str, store: Store, entry: Artifact
         raise si.IndexFormatError(f"SOCI index {entry.digest}: its subject is not image manifest "
                                   f"{image.descriptor.digest}; rebuild it with `soci create`")
     say("index", entry.digest)
-    for z in index.ztocs:
-        if not store.content.has(z.digest):
-            raise NotFound(f"SOCI index {entry.digest}: zTOC {z.digest} is not in the local store; "
+    blobs = [("zTOC", z.digest, z.size, si.ZTOC_MEDIA_TYPE) for z in index.ztocs]
+    blobs += [("prefetch artifact", p.digest, p.size, si.PREFETCH_MEDIA_TYPE) for p in index.prefetches]
+    for what, digest, size, media_type in blobs:
+        if not store.content.has(digest):
+            raise NotFound(f"SOCI index {entry.digest}: {what} {digest} is not in the local store; "
                            "rebuild it with `soci create -f`")
-        desc = si.descriptor(si.ZTOC_MEDIA_TYPE, z.digest, z.size)
-        _push_blob(client, repo, desc, store.content.path(z.digest), on_blob)
+        _push_blob(client, repo, si.descriptor(media_type, digest, size), store.content.path(digest), on_blob)
     config = si.descriptor(index.artifact_type, si.EMPTY_CONFIG_DIGEST, len(si.EMPTY_CONFIG))
     _push_blob(client, repo, config, si.EMPTY_CONFIG, on_blob)
     manifest_desc = si.descriptor(si.MEDIA_TYPE_OCI_MANIFEST, entry.digest, len(data))

@@ -13,6 +13,8 @@ MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ARTIFACT_TYPE_V1 = "application/vnd.amazon.soci.index.v1+json"
 ARTIFACT_TYPE_V2 = "application/vnd.amazon.soci.index.v2+json"
 ZTOC_MEDIA_TYPE = "application/octet-stream"
+# Upstream's span-range prefetch artifact: one per layer, listed among the index's layers.
+PREFETCH_MEDIA_TYPE = "application/vnd.amazon.soci.prefetch.v1+json"
 
 ANNOTATION_LAYER_DIGEST = "com.amazon.soci.image-layer-digest"
 ANNOTATION_LAYER_MEDIA_TYPE = "com.amazon.soci.image-layer-mediaType"
@@ -42,12 +44,22 @@ class ZtocRef:
 
 
 @dataclass(slots=True)
+class PrefetchRef:
+    """A prefetch artifact as the index lists it: the spans of one layer to fetch when it is mounted."""
+
+    digest: str
+    size: int
+    layer_digest: str
+
+
+@dataclass(slots=True)
 class SociIndex:
     artifact_type: str
     ztocs: list[ZtocRef]
     build_tool: str = ""
     subject: dict[str, Any] | None = None
     annotations: dict[str, str] = field(default_factory=dict)
+    prefetches: list[PrefetchRef] = field(default_factory=list)
 
     @property
     def version(self) -> str:
@@ -57,6 +69,12 @@ class SociIndex:
         for z in self.ztocs:
             if z.layer_digest == layer_digest:
                 return z
+        return None
+
+    def prefetch_for_layer(self, layer_digest: str) -> PrefetchRef | None:
+        for p in self.prefetches:
+            if p.layer_digest == layer_digest:
+                return p
         return None
 
 
@@ -95,6 +113,9 @@ def serialize(index: SociIndex) -> bytes:
         )
         for z in index.ztocs
     ]
+    # After the zTOCs, as upstream lists them.
+    layers += [descriptor(PREFETCH_MEDIA_TYPE, p.digest, p.size, {ANNOTATION_LAYER_DIGEST: p.layer_digest})
+               for p in index.prefetches]
     manifest: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": MEDIA_TYPE_OCI_MANIFEST,
@@ -127,10 +148,23 @@ def parse(data: bytes, where: str = "SOCI index") -> SociIndex:
     if not isinstance(layers, list):
         raise IndexFormatError(f"{where}: missing layers list")
     ztocs: list[ZtocRef] = []
+    prefetches: list[PrefetchRef] = []
     for i, layer in enumerate(layers):
         if not isinstance(layer, dict):
             raise IndexFormatError(f"{where}: layer {i} is not a descriptor")
         ann = layer.get("annotations") or {}
+        if not isinstance(ann, dict):
+            raise IndexFormatError(f"{where}: layer {i} has annotations that are not an object")
+        if layer.get("mediaType") == PREFETCH_MEDIA_TYPE:
+            try:
+                size = layer.get("size")
+                if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                    raise ValueError("bad size")
+                prefetches.append(PrefetchRef(dg.validate(layer.get("digest")),  # type: ignore[arg-type]
+                                              size, dg.validate(ann.get(ANNOTATION_LAYER_DIGEST))))
+            except (SociError, ValueError, TypeError) as exc:
+                raise IndexFormatError(f"{where}: prefetch descriptor {i} is invalid ({exc})") from None
+            continue
         try:
             ztoc_digest = dg.validate(layer.get("digest"))  # type: ignore[arg-type]
             layer_digest = dg.validate(ann.get(ANNOTATION_LAYER_DIGEST))
@@ -156,4 +190,5 @@ def parse(data: bytes, where: str = "SOCI index") -> SociIndex:
         build_tool=str(annotations.get(ANNOTATION_BUILD_TOOL, "")),
         subject=subject,
         annotations={k: v for k, v in annotations.items() if k != ANNOTATION_BUILD_TOOL},
+        prefetches=prefetches,
     )

@@ -328,3 +328,13 @@ class TarZinfo:
 
 
 Zinfo = GzipZinfo | TarZinfo
+
+
+def spans_of(zinfo: Zinfo, offset: int, length: int) -> range:
+    """The span ids holding uncompressed bytes [offset, offset+length), clamped to the layer (empty if none)."""
+    end = offset + length
+    if zinfo.uncompressed_size is not None:
+        end = min(end, zinfo.uncompressed_size)
+    if length <= 0 or offset < 0 or offset >= end:
+        return range(0)
+    return range(zinfo.span_of(offset), zinfo.span_of(end - 1) + 1)
