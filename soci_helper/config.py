@@ -49,6 +49,8 @@ class FuseConfig:
     entry_timeout: int = 1
     negative_timeout: int = 1
     log_fuse_operations: bool = False
+    # Each layer server writes what its readers read, in order, next to its state file (soci mounts reads).
+    record_reads: bool = False
 
 
 @dataclass

@@ -24,6 +24,7 @@ from support.containers import wait_for
 
 from soci_helper.bench.e2e import layer_servers
 from soci_helper.containerd import client
+from soci_helper.fs import server as srv
 from soci_helper.sandbox.containerd import SociSandbox
 from soci_helper.sandbox.images import tar_of, write_image
 from soci_helper.sandbox.procs import pids_matching
@@ -453,6 +454,47 @@ def test_rpull_then_run(world: dict[str, Any], tmp_path: Path) -> None:
         gc_all(sb)
         assert wait_for(lambda: backend(sb) == {}), sb.snapshotter.log_tail()
         assert mounts_below(sb.snapshotter.root) == []
+
+
+def test_rpull_of_a_converted_image_prefetches_its_listed_files_at_mount(world: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    """`soci convert --prefetch-file`: discovery fetches the artifact, the mount fetches its spans before any
+    read, and the container then reads those files without another request for the layer."""
+    img: Image = world["mixed"]
+    reg: LocalRegistry = world["reg"]
+    ctr_name = Path(str(shutil.which("ctr"))).name
+    dst = img.ref.replace(":v1", ":prefetch")
+    out = soci(tmp_path / "build", "convert", "--plain-http", "--span-size", str(SPAN), "--min-layer-size",
+               str(MIN_LAYER), "--prefetch-file", f"/data/{ctr_name}", "--prefetch-file", "/bin/busybox", img.ref, dst)
+    lazy = img.layers[0]["digest"]
+    assert f"layer {lazy} -> prefetch sha256:" in out
+    n_spans = int(out.split(f"layer {lazy} -> prefetch ")[1].split("(")[1].split()[0])
+    want = hashlib.sha256((img.layout.parent / "mixed-r0" / "data" / ctr_name).read_bytes()).hexdigest()
+
+    def layer_gets() -> int:
+        return sum(1 for e in reg.access_log() if e.method == "GET" and e.path.endswith(lazy))
+
+    with sandbox_with(tmp_path) as sb:
+        c = sb.containerd
+        before = layer_gets()
+        r = subprocess.run([sys.executable, "-m", "soci_helper.cli.main", "--root", str(sb.snapshotter.root),
+                            "-a", str(c.address), "-n", c.namespace, "image", "rpull", "--plain-http", dst],
+                           capture_output=True, text=True, timeout=90)
+        assert r.returncode == 0, r.stderr + sb.snapshotter.log_tail()
+        logs = srv.mounts_dir(sb.snapshotter.root)
+        done = f"prefetched {n_spans} spans"
+        assert wait_for(lambda: any(done in p.read_text() for p in logs.glob("*.log")), timeout=30), \
+            "".join(p.read_text() for p in logs.glob("*.log"))
+        time.sleep(0.3)  # the registry logs a request just after answering it
+        prefetched = layer_gets() - before
+        assert 1 <= prefetched <= n_spans  # no read yet: only the prefetch asked for the layer
+        run = ctr_retry(sb, "run", "--rm", "--snapshotter", "soci", dst, "prefetched", "/bin/busybox", "sha256sum",
+                        f"/data/{ctr_name}")
+        assert run.stdout.split()[0] == want
+        time.sleep(0.3)
+        assert layer_gets() - before == prefetched  # busybox and the file came from the span cache
+        gc_all(sb)
+        assert wait_for(lambda: backend(sb) == {}), sb.snapshotter.log_tail()
 
 
 def test_pull_modes_disabled_leave_the_image_to_containerd(world: dict[str, Any], tmp_path: Path) -> None:

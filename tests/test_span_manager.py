@@ -16,7 +16,6 @@ from support.layers import real_files_layer
 from support.registry import LocalRegistry
 
 from soci_helper.config import Config
-from soci_helper.fs.background import PrefetchArtifactError, spans_from_prefetch_artifact
 from soci_helper.fs.spans import SpanFetchError, SpanManager
 from soci_helper.fs.stats import MountStats
 from soci_helper.oci.layout import OCILayout
@@ -25,8 +24,10 @@ from soci_helper.oci.retry import RetryPolicy
 from soci_helper.sandbox import registry as sandbox_registry
 from soci_helper.sandbox.images import write_image
 from soci_helper.store.spancache import SpanCache
+from soci_helper.ztoc import prefetch
 from soci_helper.ztoc.builder import build_ztoc
 from soci_helper.ztoc.model import Ztoc
+from soci_helper.ztoc.prefetch import PrefetchArtifactError, spans_from_prefetch_artifact
 
 SPAN = 1 << 20
 REPO = "test/spans"
@@ -428,7 +429,7 @@ def test_prefetch_fetches_ranges_and_artifact_spans(tmp_path, layer, blobs):
         assert all(m.is_cached(s) for s in want)
         assert m.stats.spans_fetched == len(want) and m.stats.bytes_served == 0
         art = json.dumps({"version": "1.0", "prefetch_spans": [{"start_span": 9, "end_span": 11}]}).encode()
-        m.prefetch_spans(spans_from_prefetch_artifact(art, m.num_spans - 1), timeout=20)
+        m.start_prefetch(spans_from_prefetch_artifact(art, m.num_spans - 1)).join(20)
         assert all(m.is_cached(s) for s in (9, 10, 11))
         requests = len(blobs.requests())
         for _, off, size in files:
@@ -459,6 +460,50 @@ def test_prefetch_artifact_validation():
             spans_from_prefetch_artifact(data)
     with pytest.raises(PrefetchArtifactError, match="last is 5"):
         spans_from_prefetch_artifact(ok, max_span_id=5)
+
+
+def test_prefetch_artifact_priorities_order_round_trip():
+    items = prefetch.from_order([7, 8, 2, 9, 3, 8, 4])
+    # Ascending neighbours share a range; each range's priority is its place in the order.
+    assert [(p.start, p.end, p.priority) for p in items] == [(7, 8, 0), (2, 2, 1), (9, 9, 2), (3, 4, 3)]
+    blob = prefetch.encode(items)
+    assert blob.startswith(b'{"version":"1.0","prefetch_spans":[{"start_span":7,"end_span":8},'
+                           b'{"start_span":2,"end_span":2,"priority":1}')
+    assert prefetch.decode(blob) == items
+    assert prefetch.fetch_order(prefetch.decode(blob)) == [7, 8, 2, 9, 3, 4]
+    # Upstream's artifacts without priorities keep their listed order.
+    plain = b'{"version":"1.0","prefetch_spans":[{"start_span":5,"end_span":5},{"start_span":1,"end_span":2}]}'
+    assert prefetch.fetch_order(prefetch.decode(plain)) == [5, 1, 2]
+    with pytest.raises(PrefetchArtifactError, match="priority"):
+        prefetch.decode(b'{"version":"1.0","prefetch_spans":[{"start_span":1,"end_span":2,"priority":"a"}]}')
+    with pytest.raises(PrefetchArtifactError, match="at least one"):
+        prefetch.encode([])
+
+
+def test_start_prefetch_fetches_in_the_given_order_and_reads_find_the_spans(tmp_path, layer, blobs):
+    order = [9, 10, 3, 12, 0]
+    fetched: list[int] = []
+
+    def fetch(off: int, n: int) -> bytes:
+        fetched.append(off)
+        return blobs.fetch(off, n)
+
+    with manager(layer, tmp_path, fetch) as m:
+        m.PREFETCH_THREADS = 1  # one request at a time, so the registry sees the order itself
+        t = m.start_prefetch(order)
+        assert t is not None
+        t.join(30)
+        assert not t.is_alive()
+        firsts = [next(s for s in range(m.num_spans) if m._c_start[s] == off) for off in fetched]
+        assert firsts == [9, 3, 12, 0]  # 9 and 10 in one request
+        assert all(m.is_cached(s) for s in order)
+        assert m.stats.bytes_served == 0
+        calls = len(fetched)
+        for sid in order:  # a short read of each (a whole span read in order would start read-ahead)
+            start = m.span_range(sid)[0] + 10
+            assert m.read(start, 1000) == layer["tar"][start:start + 1000]
+        assert len(fetched) == calls
+        assert m.start_prefetch([m.num_spans + 5, -1]) is None  # nothing of this layer: no thread
 
 
 def test_background_fetch_waits_for_quiet_then_fetches_all_at_the_bounded_rate(tmp_path, layer, blobs):

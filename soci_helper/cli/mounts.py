@@ -134,7 +134,29 @@ def cmd_mounts_cleanup(args: argparse.Namespace, store: object = None) -> int:
             print(f"removed state of {m.mount_id} ({mountpoint}: {m.why})")
         m.state_file.unlink(missing_ok=True)
         srv.log_path(args.root, m.mount_id).unlink(missing_ok=True)
+        srv.reads_path(args.root, m.mount_id).unlink(missing_ok=True)
     return 1 if failed else 0
+
+
+def cmd_mounts_reads(args: argparse.Namespace, store: object = None) -> int:
+    """The load-order document of what the mounts' readers read ([fuse] record_reads), to stdout or a file."""
+    from ..fs import server as srv
+    from ..fs.record import load_order
+
+    mdir = srv.mounts_dir(args.root)
+    records = sorted(mdir.glob("*.reads")) if mdir.is_dir() else []
+    if not records:
+        print(f"soci: no read records under {mdir} (set record_reads = true in [fuse] and run the workload)",
+              file=sys.stderr)
+        return 1
+    text = json.dumps(load_order(records), indent=1) + "\n"
+    if args.output and args.output != "-":
+        tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, args.output)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def add_mounts_parser(sub: Any) -> argparse.ArgumentParser:
@@ -148,6 +170,10 @@ def add_mounts_parser(sub: Any) -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_mounts, needs_store=False)
     c = msub.add_parser("cleanup", help="unmount dead mounts and remove state of mounts that are gone")
     c.set_defaults(func=cmd_mounts_cleanup, needs_store=False)
+    c = msub.add_parser("reads", help="print what the mounts' readers read, in order, as a load-order document "
+                                      "for soci create --prefetch-files-json (needs [fuse] record_reads)")
+    c.add_argument("-o", "--output", help="write it to this file instead of stdout")
+    c.set_defaults(func=cmd_mounts_reads, needs_store=False)
     return p
 
 

@@ -1,8 +1,7 @@
-"""Background fetch of the remaining spans of mounted layers, and upstream prefetch artifacts."""
+"""Background fetch of the remaining spans of mounted layers, once their readers go quiet."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -16,47 +15,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREFETCH_ARTIFACT_VERSION = "1.0"
 # A failed pass (registry away) is retried this many times, then the fetcher gives up until restarted.
 _MAX_PASSES = 3
-
-
-class PrefetchArtifactError(SociError):
-    """An upstream prefetch artifact is not valid JSON of the expected shape."""
-
-
-def spans_from_prefetch_artifact(data: bytes, max_span_id: int | None = None) -> list[int]:
-    """Span ids listed by `{"version":"1.0","prefetch_spans":[{"start_span":N,"end_span":M}]}`.
-
-    Ranges are inclusive; the result is sorted without duplicates. With `max_span_id`, ranges past
-    the layer's last span are an error."""
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrefetchArtifactError(f"prefetch artifact is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise PrefetchArtifactError("prefetch artifact is not a JSON object")
-    if doc.get("version") != PREFETCH_ARTIFACT_VERSION:
-        raise PrefetchArtifactError(f"prefetch artifact version {doc.get('version')!r} is not supported "
-                                    f"(expected {PREFETCH_ARTIFACT_VERSION!r})")
-    items = doc.get("prefetch_spans")
-    if not isinstance(items, list):
-        raise PrefetchArtifactError("prefetch artifact has no prefetch_spans list")
-    ids: set[int] = set()
-    for k, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise PrefetchArtifactError(f"prefetch_spans[{k}] is not an object")
-        start, end = item.get("start_span"), item.get("end_span")
-        # bool is an int in Python; JSON true is not a span id.
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
-            raise PrefetchArtifactError(f"prefetch_spans[{k}] needs integer start_span and end_span")
-        assert isinstance(start, int) and isinstance(end, int)
-        if start < 0 or end < start:
-            raise PrefetchArtifactError(f"prefetch_spans[{k}] has a bad range {start}..{end}")
-        if max_span_id is not None and end > max_span_id:
-            raise PrefetchArtifactError(f"prefetch_spans[{k}] reaches span {end}; the layer's last is {max_span_id}")
-        ids.update(range(start, end + 1))
-    return sorted(ids)
 
 
 class BackgroundFetcher:

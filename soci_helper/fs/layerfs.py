@@ -52,6 +52,7 @@ class LayerFS(pyfuse3.Operations):
         self.entry_timeout = float(fuse.entry_timeout)
         self.negative_timeout = float(fuse.negative_timeout)
         self.on_read = on_read  # called before each data read (background fetch pauses on activity)
+        self.recorder: Any = None  # a ReadRecorder when the operator asked for load orders
         self.read_errors = 0
 
     # --- attributes ----------------------------------------------------
@@ -166,6 +167,8 @@ class LayerFS(pyfuse3.Operations):
         n = min(size, fsize - off)
         if self.on_read is not None:
             self.on_read()
+        if self.recorder is not None:
+            self.recorder.add(fh, off, n)
         start = t.offset[fh] + off
         file_end = t.offset[fh] + fsize
         try:

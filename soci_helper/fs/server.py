@@ -66,6 +66,11 @@ def log_path(root: str | os.PathLike[str], mount_id: str) -> Path:
     return mounts_dir(root) / f"{mount_id}.log"
 
 
+def reads_path(root: str | os.PathLike[str], mount_id: str) -> Path:
+    """What the mount's readers read ([fuse] record_reads); not *.json, which names state files."""
+    return mounts_dir(root) / f"{mount_id}.reads"
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -86,6 +91,7 @@ class ServerSpec:
     plain_http: bool = False
     config_path: str | None = None
     extra_options: tuple[str, ...] = ()
+    prefetch_digest: str = ""  # a prefetch artifact in the store: spans to fetch as soon as the mount serves
 
     def to_argv(self) -> list[str]:
         argv = ["--root", self.root, "--id", self.mount_id, "--source", self.source, "--host", self.host,
@@ -96,6 +102,8 @@ class ServerSpec:
             argv.append("--plain-http")
         if self.config_path:
             argv += ["--config", self.config_path]
+        if self.prefetch_digest:
+            argv += ["--prefetch", self.prefetch_digest]
         for opt in self.extra_options:
             argv += ["--option", opt]
         argv.append(self.mountpoint)
@@ -494,6 +502,10 @@ class LayerServer:
         windows = _windows_from_store(self.reader, ztoc, store, self.spec.ztoc_digest)
         note = getattr(self.reader, "note_activity", None)
         self.fs = LayerFS(table, self.reader, cfg.fuse, on_read=note)
+        if cfg.fuse.record_reads:
+            from .record import ReadRecorder
+
+            self.fs.recorder = ReadRecorder()
         _settle_memory()
         log.info("loaded zTOC %s: %d inodes, %d spans, in %.3f s (%s reader, table built %s, windows %s)",
                  self.spec.ztoc_digest, self.entries, len(ztoc.span_digests), time.monotonic() - t0,
@@ -532,11 +544,39 @@ class LayerServer:
         _raise_read_ahead(self.spec.mountpoint)
         self.state = "alive"
         self.write_state()
+        self._start_prefetch()
         start_bg = getattr(self.reader, "start_background_fetch", None)
         if start_bg is not None:
             start_bg(self.fs.table.regular_files)
         self._tell_parent("ok")
         log.info("ready")
+
+    def save_reads(self) -> None:
+        rec = self.fs.recorder if self.fs is not None else None
+        if rec is None or not rec.changed:
+            return
+        try:
+            rec.save(reads_path(self.spec.root, self.spec.mount_id), self.fs.table,
+                     {"id": self.spec.mount_id, "layer": self.spec.layer_digest, "image_ref": self.spec.image_ref})
+        except OSError as exc:
+            log.warning("could not save the read record: %s", exc.strerror or exc)
+
+    def _start_prefetch(self) -> None:
+        """Fetch the prefetch artifact's spans in its order. A bad artifact costs the prefetch, not the mount."""
+        start = getattr(self.reader, "start_prefetch", None)
+        if not self.spec.prefetch_digest or start is None:
+            return
+        from ..store.content import ContentStore
+        from ..ztoc import prefetch
+
+        try:
+            data = ContentStore(self.spec.root).read(self.spec.prefetch_digest)
+            order = prefetch.fetch_order(prefetch.decode(data, self.reader.num_spans - 1))
+        except SociError as exc:
+            log.warning("prefetch artifact %s not used: %s", self.spec.prefetch_digest, exc)
+            return
+        log.info("prefetching %d spans listed by %s", len(order), self.spec.prefetch_digest)
+        start(order)
 
     async def _publish(self) -> None:
         import trio
@@ -546,6 +586,7 @@ class LayerServer:
         while True:
             await trio.sleep(STATS_PERIOD_SEC)
             self.write_state()
+            self.save_reads()
             now = self._activity()
             if now == seen and now != trimmed:
                 # Quiet for a whole period after reads or fetches: drop the inflated spans kept for reads in
@@ -621,6 +662,7 @@ class LayerServer:
                 self.reader.close()
             self.state = "exited"
             self.write_state()
+            self.save_reads()
             log.info("unmounted; server exits")
         return code
 
@@ -655,6 +697,7 @@ def _parse(argv: Sequence[str]) -> tuple[ServerSpec, int | None, int | None, boo
     p.add_argument("--image-ref", default="")
     p.add_argument("--plain-http", action="store_true")
     p.add_argument("--config")
+    p.add_argument("--prefetch", default="")
     p.add_argument("--option", action="append", default=[])
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--table-fd", type=int, help="read the inode table from this pipe instead of building it")
@@ -664,7 +707,7 @@ def _parse(argv: Sequence[str]) -> tuple[ServerSpec, int | None, int | None, boo
     spec = ServerSpec(root=a.root, mount_id=a.mount_id, mountpoint=os.path.abspath(a.mountpoint), source=a.source,
                       host=a.host, repository=a.repository, layer_digest=a.layer, ztoc_digest=a.ztoc,
                       image_ref=a.image_ref, plain_http=a.plain_http, config_path=a.config,
-                      extra_options=tuple(a.option))
+                      extra_options=tuple(a.option), prefetch_digest=a.prefetch)
     return spec, a.ready_fd, a.table_fd, a.detach
 
 

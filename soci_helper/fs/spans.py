@@ -18,6 +18,7 @@ from ..store.spancache import SpanCache
 from ..ztoc.extract import extract_span, inflate_span_into
 from ..ztoc.model import REG, Ztoc
 from ..ztoc.reader import parse_zinfo
+from ..ztoc.zinfo import spans_of
 from .stats import MountStats
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class SpanManager:
     MAX_MERGE_SPANS = 8
     # Threads of their own for the heads of big files, so that demand reads never queue behind them.
     HEAD_THREADS = 2
+    # A prefetch artifact's spans: requests in flight at once, and consecutive spans per request.
+    PREFETCH_THREADS = 3
+    PREFETCH_MERGE = 2
 
     stats: MountStats
 
@@ -130,10 +134,7 @@ class SpanManager:
 
     def spans_of(self, offset: int, length: int) -> range:
         """The span ids holding uncompressed bytes [offset, offset+length), clamped to the layer."""
-        end = min(offset + length, self.size)
-        if length <= 0 or offset >= end or offset < 0:
-            return range(0)
-        return range(self.zinfo.span_of(offset), self.zinfo.span_of(end - 1) + 1)
+        return spans_of(self.zinfo, offset, length)
 
     def _on_disk(self, span_id: int) -> bool:
         us = self._u_start[span_id]
@@ -463,36 +464,15 @@ class SpanManager:
     # -- prefetch, background ----------------------------------------------------
 
     def prefetch(self, ranges: list[tuple[int, int]], timeout: float) -> None:
-        """Fetch the spans covering these uncompressed (offset, length) ranges now; gives up after `timeout` s.
-
-        Best effort: failures and the timeout are logged, never raised."""
-        ids: set[int] = set()
-        for off, n in ranges:
-            ids.update(self.spans_of(off, n))
-        self.prefetch_spans(sorted(ids), timeout)
-
-    def prefetch_spans(self, span_ids: list[int], timeout: float) -> None:
-        """Like `prefetch`, for span ids (e.g. from an upstream prefetch artifact)."""
-        ids = sorted({s for s in span_ids if 0 <= s < self.num_spans})
-        if not ids or self._closed:
+        """Fetch the spans covering these uncompressed (offset, length) ranges, in that order, and wait for
+        them up to `timeout` s. Best effort: failures and the timeout are logged, never raised."""
+        order = [sid for off, n in ranges for sid in self.spans_of(off, n)]
+        t = self.start_prefetch(order)
+        if t is None:
             return
-        deadline = time.monotonic() + timeout
-        # Chunks of a few spans: merged requests, yet every worker gets a share.
-        per = max(1, min(self.MAX_MERGE_SPANS, -(-len(ids) // self.WORKERS)))
-        got = self._request(ids, deadline, remember=False, skip_cached=True, merge=per)
-        failed = late = 0
-        for item in got.values():
-            if isinstance(item, bytes):
-                continue
-            try:
-                item.future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout:
-                late += 1
-            except Exception:
-                failed += 1
-        if failed or late:
-            log.warning("%s: prefetch of %d spans: %d failed, %d not done within %.1fs",
-                        self.layer, len(ids), failed, late, timeout)
+        t.join(timeout)
+        if t.is_alive():
+            log.warning("%s: prefetch of %d spans not done within %.1fs", self.layer, len(set(order)), timeout)
 
     def fetch_span(self, span_id: int, timeout: float | None = None) -> bool:
         """Make sure one span is in the on-disk cache (background fetch). False if it already was."""
@@ -539,6 +519,58 @@ class SpanManager:
             with contextlib.suppress(Exception):  # a failed head is fetched again by the read that needs it
                 self._request([sid], time.monotonic() + self.timeout, remember=False, skip_cached=True,
                               here=True)
+
+    def start_prefetch(self, order: list[int]) -> threading.Thread | None:
+        """Fetch these spans now, in this order (a prefetch artifact's), on threads of their own.
+
+        Consecutive ids share one request; PREFETCH_THREADS requests run at once, so the link stays busy
+        while a demand read on the pool can still overtake them. A span a read already claimed is waited
+        for, not fetched twice. Best effort: failures are logged and left to the reads that need them."""
+        ids = [s for s in dict.fromkeys(order) if 0 <= s < self.num_spans]
+        if not ids or self._closed:
+            return None
+        runs: list[list[int]] = []
+        for sid in ids:
+            if runs and runs[-1][-1] == sid - 1 and len(runs[-1]) < self.PREFETCH_MERGE:
+                runs[-1].append(sid)
+            else:
+                runs.append([sid])
+        queue = iter(runs)
+        lock = threading.Lock()
+        failed: list[int] = []
+        t0 = time.monotonic()
+        fetched_before = self.stats.bytes_fetched
+
+        def work() -> None:
+            while not self._closed:
+                with lock:
+                    run = next(queue, None)
+                if run is None:
+                    return
+                try:
+                    got = self._request(run, time.monotonic() + self.timeout, remember=False, skip_cached=True,
+                                        here=True)
+                    for sid, item in got.items():
+                        self._wait(sid, item, time.monotonic() + self.timeout)
+                except Exception:  # noqa: BLE001 - best effort: the read that needs the span fetches it again
+                    with lock:
+                        failed.extend(run)
+
+        def lead() -> None:
+            others = [threading.Thread(target=work, name="soci-prefetch", daemon=True)
+                      for _ in range(self.PREFETCH_THREADS - 1)]
+            for t in others:
+                t.start()
+            work()
+            for t in others:
+                t.join()
+            log.info("%s: prefetched %d spans (%.1f MB fetched) in %.2f s%s", self.layer, len(ids),
+                     (self.stats.bytes_fetched - fetched_before) / 1e6, time.monotonic() - t0,
+                     f"; {len(failed)} failed" if failed else "")
+
+        lead_thread = threading.Thread(target=lead, name="soci-prefetch", daemon=True)
+        lead_thread.start()
+        return lead_thread
 
     def start_background_fetch(self, files: Callable[[], Iterable[tuple[int, int]]] | None = None) -> None:
         """Start fetching the heads of big files at once and the remaining spans after a quiet period

@@ -112,6 +112,7 @@ class DiscoveredIndex:
     found_via: str
     ztocs: list[str] = field(default_factory=list)
     candidates: int = 1  # how many v1 indexes the registry listed, when found through referrers
+    prefetches: list[str] = field(default_factory=list)  # the prefetch artifacts now in the store
 
 
 def _v2_from_image_index(source: RegistrySource, image_digest: str) -> str | None:
@@ -209,6 +210,7 @@ def discover(image_ref: str, opts: SourceOptions, store: Store, explicit_index_d
             span_size=z.span_size, media_type=si.ZTOC_MEDIA_TYPE,
         ))
         fetched.append(z.digest)
+    prefetches = _fetch_prefetches(client, repo, index, store, where)
     # The index goes in last, so a store never lists an index whose zTOCs are missing.
     store.content.write(data, index_digest)
     store.content.write(image.raw, image.descriptor.digest)
@@ -217,7 +219,32 @@ def discover(image_ref: str, opts: SourceOptions, store: Store, explicit_index_d
         image_digest=image.descriptor.digest, image_ref=source.ref, platform=image.platform_string(),
         media_type=si.MEDIA_TYPE_OCI_MANIFEST, artifact_type=index.artifact_type,
     ))
-    log.info("discovered SOCI index %s for %s via %s (%d zTOCs)", index_digest, image.descriptor.digest, via,
-             len(fetched))
+    log.info("discovered SOCI index %s for %s via %s (%d zTOCs, %d prefetch artifacts)", index_digest,
+             image.descriptor.digest, via, len(fetched), len(prefetches))
     return DiscoveredIndex(index_digest, len(data), index, image.descriptor.digest, source.ref,
-                           image.platform_string(), via, fetched, n)
+                           image.platform_string(), via, fetched, n, prefetches)
+
+
+# An artifact lists span ranges of one layer; anything bigger than this is not one.
+MAX_PREFETCH_ARTIFACT = 4 << 20
+
+
+def _fetch_prefetches(client: RegistryClient, repo: str, index: si.SociIndex, store: Store, where: str) -> list[str]:
+    """Fetch the index's prefetch artifacts. They only speed a start up: one that cannot be fetched or
+    read is left out with a warning (its layer mounts without it), never a reason to fail discovery."""
+    from ..ztoc import prefetch
+
+    out = []
+    for p in index.prefetches:
+        try:
+            if p.size > MAX_PREFETCH_ARTIFACT:
+                raise SociError(f"{p.size} bytes is too big for a prefetch artifact")
+            if not store.content.has(p.digest):
+                store.content.ingest(client.open_blob(repo, p.digest, p.size), p.digest, verified=True)
+            prefetch.decode(store.content.read(p.digest))
+        except SociError as exc:
+            log.warning("%s: prefetch artifact %s for layer %s left out: %s", where, p.digest, p.layer_digest, exc)
+            store.content.delete(p.digest)
+            continue
+        out.append(p.digest)
+    return out

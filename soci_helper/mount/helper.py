@@ -50,6 +50,7 @@ class MountRequest:
     ztoc_digest: str | None = None
     image: str | None = None  # a tag or digest in the same repository, or a full image reference
     config_path: str | None = None
+    prefetch_digest: str | None = None
     passthrough: list[str] = field(default_factory=list)
     verbose: bool = False
     fake: bool = False
@@ -96,6 +97,8 @@ def parse_options(text: str, req: MountRequest) -> None:
             req.image = value
         elif key == "config" and eq and value:
             req.config_path = value
+        elif key == "prefetch" and eq:
+            req.prefetch_digest = dg.validate(value)
         elif opt in srv.PASSTHROUGH_OPTIONS:
             req.passthrough.append(opt)
         elif key in ("user", "password", "username", "creds", "auth", "token"):
@@ -103,7 +106,7 @@ def parse_options(text: str, req: MountRequest) -> None:
                              f"never from mount options (they are world-readable in /proc/mounts)")
         else:
             raise MountError(f"unknown mount option {opt!r} (known: ro, plain_http, ztoc=DIGEST, root=DIR, "
-                             f"image=TAG|REF, config=FILE)")
+                             f"image=TAG|REF, config=FILE, prefetch=DIGEST)")
 
 
 def parse_argv(argv: Sequence[str]) -> MountRequest:
@@ -194,6 +197,9 @@ def _discover(req: MountRequest, store: object, image: str) -> str:
                      check_entries=False)  # the table build that follows checks the entries
     for z in found.index.ztocs:
         if z.layer_digest == req.layer_digest:
+            p = found.index.prefetch_for_layer(req.layer_digest)
+            if req.prefetch_digest is None and p is not None and p.digest in found.prefetches:
+                req.prefetch_digest = p.digest
             return z.digest
     raise NotFound(f"the SOCI index {found.digest} of {image} has no zTOC for layer {req.layer_digest}")
 
@@ -329,7 +335,7 @@ def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: f
                           source=req.source, host=req.reference.registry, repository=req.reference.repository,
                           layer_digest=req.layer_digest, ztoc_digest=ztoc_digest, image_ref=image_ref,
                           plain_http=req.plain_http, config_path=req.config_path,
-                          extra_options=tuple(req.passthrough))
+                          extra_options=tuple(req.passthrough), prefetch_digest=req.prefetch_digest or "")
     mdir = srv.mounts_dir(spec.root)
     mdir.mkdir(parents=True, exist_ok=True)
     state_file, log_file = srv.state_path(spec.root, mount_id), srv.log_path(spec.root, mount_id)
@@ -371,6 +377,12 @@ def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: f
     raise MountError(f"cannot mount {req.source} at {req.mountpoint}: {why} (log: {log_file})")
 
 
+def _store_has(root: str, digest: str) -> bool:
+    from ..store.content import ContentStore
+
+    return ContentStore(root).has(digest)
+
+
 def mount(req: MountRequest, prebuild: bool = False, spare: Spare | None = None) -> MountResult | None:
     """Mount one layer; returns once the mount answers. Raises MountError (one line) on any failure.
 
@@ -381,6 +393,8 @@ def mount(req: MountRequest, prebuild: bool = False, spare: Spare | None = None)
             raise MountError(f"mount point {req.mountpoint} does not exist or is not a directory")
         cfg = config_mod.load(req.config_path) if req.config_path else config_mod.load()
         ztoc_digest, image_ref = find_ztoc(req)
+        if req.prefetch_digest and not _store_has(req.root, req.prefetch_digest):
+            raise MountError(f"prefetch artifact {req.prefetch_digest} is not in the local store at {req.root}")
         if req.fake:
             return None
         return start_server(req, ztoc_digest, image_ref, float(cfg.mount_timeout_sec), prebuild, spare)

@@ -35,6 +35,7 @@ from ..oci.reference import Reference, parse_reference
 from ..oci.registry import RegistryClient, RegistryOptions, get_client
 from ..oci.source import ImageManifestInfo, SourceOptions, open_source, read_config, select_manifests
 from ..store.artifacts import TYPE_INDEX
+from ..store.content import ContentStore
 from .metadata import SnapshotInvalid, SnapshotPrecondition, Usage
 from .remote import LayerRequest, RemoteLayer, lazy_unmount
 from .unpack import unpack_blob
@@ -450,7 +451,8 @@ class SociDecider:
         z = self._lazy(desc, found)
         more = self._lazy_layers(info, found, pos + 1) > 0
         if z is not None:
-            return self._mount(req, info, desc, z, more)
+            p = found.index.prefetch_for_layer(desc.digest)
+            return self._mount(req, info, desc, z, more, p.digest if p is not None else "")
         if not more:
             self.spares.drop()
         min_size = self.config.snapshotter.min_layer_size
@@ -458,13 +460,16 @@ class SociDecider:
         return self._unpack(req, info, pos, why)
 
     def _mount(self, req: LayerRequest, info: ImageInfo, desc: Descriptor, z: si.ZtocRef,
-               more: bool = False) -> RemoteLayer:
-        """Mount the layer lazily; `more`: later layers of the image will be mounted too."""
+               more: bool = False, prefetch: str = "") -> RemoteLayer:
+        """Mount the layer lazily; `more`: later layers of the image will be mounted too; `prefetch`: the
+        index's prefetch artifact for the layer (left out if discovery could not fetch it)."""
         ref = info.reference
         source = f"{ref.registry}/{ref.repository}@{desc.digest}"
         opts = ["ro", f"ztoc={z.digest}", f"root={self.root}", f"config={self.config_path}"]
         if self._plain_http(ref.registry):
             opts.append("plain_http")
+        if prefetch and ContentStore(self.root).has(prefetch):
+            opts.append(f"prefetch={prefetch}")
         options = ",".join(opts)
         mountpoint = str(req.mountpoint)
         res = mount_layer(source, mountpoint, options, root=str(self.root), spare=self.spares.take(more))
