@@ -25,10 +25,11 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("modes", [["full"], ["full", "soci-v1"]], ids=["full", "full+soci-v1"])
+@pytest.mark.parametrize("modes", [["full"], ["full", "soci-v1"], ["full", "soci-v2-prefetch"]],
+                         ids=["full", "full+soci-v1", "full+soci-v2-prefetch"])
 def test_suite_smoke(modes: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
                      request: pytest.FixtureRequest) -> None:
-    if "soci-v1" in modes and (why := suite.lazy_support()):
+    if set(modes) & set(suite.LAZY) and (why := suite.lazy_support()):
         pytest.skip(f"SOCI v1 lazy mode: {why}")
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"

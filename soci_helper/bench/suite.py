@@ -34,10 +34,12 @@ MODES: dict[str, str] = {
     "soci-v1": "soci create + push; soci image rpull, then ctr run --snapshotter soci",
     "soci-v2": "soci convert to another tag; rpull + run of that tag",
     "soci-v1-nobg": "soci-v1 with [background_fetch] disable = true",
+    "soci-v2-prefetch": "soci convert with a load order recorded from one unmeasured soci-v1 start "
+                        "(soci mounts reads -> --prefetch-files-json), to a tag of its own",
     "stargz": "stargz-snapshotter (containerd-stargz-grpc + ctr-remote)",
 }
-LAZY = ("soci-v1", "soci-v2", "soci-v1-nobg")
-DEFAULT_MODES = ("full", "soci-v1", "soci-v2", "soci-v1-nobg", "stargz")
+LAZY = ("soci-v1", "soci-v2", "soci-v1-nobg", "soci-v2-prefetch")
+DEFAULT_MODES = ("full", "soci-v1", "soci-v2", "soci-v1-nobg", "soci-v2-prefetch", "stargz")
 DEFAULT_WORKLOADS = ("busybox", "model-headers", "python-scipy")
 RUN_TIMEOUT = 1800.0
 TMPFS_SIZE = "12g"
@@ -144,8 +146,10 @@ def fresh_state(parent: Path) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _daemon_config(path: Path, registry_host: str, background_fetch: bool) -> Path:
+def _daemon_config(path: Path, registry_host: str, background_fetch: bool, record_reads: bool = False) -> Path:
     lines = ["[background_fetch]", f"disable = {'false' if background_fetch else 'true'}", ""]
+    if record_reads:
+        lines += ["[fuse]", "record_reads = true", ""]
     if not registry_host.startswith("127."):
         # The decider talks plain HTTP to loopback only; elsewhere it needs an insecure mirror, as upstream.
         lines += [f'[resolver.host."{registry_host}"]',
@@ -231,18 +235,21 @@ class Refs:
     full: str
     v1: str
     v2: str
+    prefetch: str = ""
 
 
 def measure(reg: LocalRegistry, w: wl.Workload, mode: str, refs: Refs, state_parent: Path,
-            inspect: Callable[[SociSandbox, str], None] | None = None) -> Run:
+            inspect: Callable[[SociSandbox, str], None] | None = None, record_reads: bool = False) -> Run:
     """One cold start: fresh tmpfs state, fresh access-log window, pull then run until the ready line.
 
     `inspect(sandbox, container stdout)` runs after the container exited, before anything is torn down.
+    record_reads: the layer servers record what is read (see record_load_order).
     """
     lazy = mode in LAZY
-    ref = refs.v2 if mode == "soci-v2" else refs.full
+    ref = {"soci-v2": refs.v2, "soci-v2-prefetch": refs.prefetch}.get(mode) or refs.full
     with fresh_state(state_parent) as d:
-        cfg = _daemon_config(d / "config.toml", reg.host, background_fetch=mode != "soci-v1-nobg")
+        cfg = _daemon_config(d / "config.toml", reg.host, background_fetch=mode != "soci-v1-nobg",
+                             record_reads=record_reads)
         sb = SociSandbox(workdir=d / "sb", config=cfg)
         # Debug logging would be measured too.
         sb.snapshotter.log_level = "info"
@@ -361,11 +368,31 @@ def index_info(build_root: Path, create_stdout: str, span_size: int) -> IndexInf
 
 def refs_for(reg: LocalRegistry, w: wl.Workload) -> Refs:
     base = f"{reg.host}/{_repo(w)}"
-    return Refs(full=f"{base}:latest", v1=f"{base}:latest", v2=f"{base}:soci-v2")
+    return Refs(full=f"{base}:latest", v1=f"{base}:latest", v2=f"{base}:soci-v2", prefetch=f"{base}:soci-prefetch")
+
+
+def record_load_order(reg: LocalRegistry, w: wl.Workload, dst: Path, state_parent: Path) -> int:
+    """One unmeasured soci-v1 start with the layer servers recording their reads; the load-order document
+    (`soci mounts reads`) goes to `dst`. Returns how many segments it lists."""
+    from ..fs import server as srv
+    from ..fs.record import load_order
+
+    items: list[dict[str, Any]] = []
+
+    def collect(sb: SociSandbox, _out: str) -> None:
+        time.sleep(srv.STATS_PERIOD_SEC + 0.5)  # each server writes its record once a period
+        items.extend(load_order(sorted(srv.mounts_dir(sb.snapshotter.root).glob("*.reads"))))
+
+    measure(reg, w, "soci-v1", refs_for(reg, w), state_parent, inspect=collect, record_reads=True)
+    if not items:
+        raise RuntimeError(f"{w.name}: the recording start read nothing from its lazy layers")
+    dst.write_text(json.dumps(items))
+    return len(items)
 
 
 def prepare_registry(regdir: Path, images: list[wl.BuiltImage], modes: list[str], min_layer_size: int,
-                     work: Path, span_size: int = DEFAULT_SPAN_SIZE, head_span: int = 0) -> dict[str, IndexInfo]:
+                     work: Path, span_size: int = DEFAULT_SPAN_SIZE, head_span: int = 0,
+                     state_parent: Path | None = None) -> dict[str, IndexInfo]:
     """Push every image, then build and push its v1 index and convert it to a v2 tag (unmeasured, loopback).
 
     Returns the v1 index of each workload that got one. Indexes cannot leak between runs: `work` (the
@@ -381,7 +408,7 @@ def prepare_registry(regdir: Path, images: list[wl.BuiltImage], modes: list[str]
             t0 = time.monotonic()
             ref = reg.push_oci_layout(img.layout, f"{_repo(w)}:latest")
             note = f"pushed in {time.monotonic() - t0:.0f} s"
-            if "soci-v1" in modes or "soci-v1-nobg" in modes:
+            if {"soci-v1", "soci-v1-nobg", "soci-v2-prefetch"} & set(modes):
                 created = run_soci("create", *build, ref, root=build_root)
                 info = index_info(build_root, created.stdout, span_size)
                 info.head_span = head_span
@@ -392,6 +419,12 @@ def prepare_registry(regdir: Path, images: list[wl.BuiltImage], modes: list[str]
             if "soci-v2" in modes:
                 run_soci("convert", *build, ref, refs_for(reg, w).v2, root=build_root)
                 note += ", v2 converted"
+            if "soci-v2-prefetch" in modes:
+                order = work / f"{w.name}-load-order.json"
+                n = record_load_order(reg, w, order, state_parent or work)
+                run_soci("convert", *build, "--prefetch-files-json", str(order), ref, refs_for(reg, w).prefetch,
+                         root=build_root)
+                note += f", load order of {n} segments recorded and converted with it"
             _progress(f"  {w.name}: {note} ({time.monotonic() - t0:.0f} s)")
     return infos
 
@@ -586,7 +619,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         regdir = work / "registry"
         _progress(f"== registry: push, SOCI indexes (spans of {_layout(args.span_size, args.head_span)})")
         indexes = prepare_registry(regdir, images, run_modes, args.min_layer_size, work, args.span_size,
-                                   args.head_span)
+                                   args.head_span, Path(args.state_dir))
         total = len(nets) * len(images) * args.runs * len(run_modes)
         n = 0
         for net in nets:
