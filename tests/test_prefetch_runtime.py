@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import json
 import os
 import subprocess
@@ -23,6 +26,7 @@ from soci_helper.sandbox.images import write_image
 from soci_helper.store.content import ContentStore
 from soci_helper.store.spancache import SpanCache
 from soci_helper.ztoc import codec, prefetch
+from soci_helper.ztoc.builder import build_ztoc
 
 SPAN = 256 << 10
 
@@ -174,3 +178,42 @@ def test_reads_without_records_say_so(tmp_path):
     r = soci_mounts(tmp_path / "root", "reads")
     assert r.returncode == 1
     assert "no read records" in r.stderr and "record_reads" in r.stderr
+
+
+def test_with_a_prefetch_artifact_the_heads_of_big_files_are_left_to_it(tmp_path):
+    """Heads are fetched ahead for a mount without an artifact; with one, only its spans are."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(4):
+            data = os.urandom(3 << 20)
+            ti = tarfile.TarInfo(f"models/m{i}.bin")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    blob = gzip.compress(buf.getvalue(), compresslevel=1)
+    ztoc = build_ztoc(iter([blob]), "gzip", 1 << 20, "test", head_span=64 << 10)
+    layer = "sha256:" + hashlib.sha256(blob).hexdigest()
+    cfg = Config()
+    cfg.background_fetch.silence_period_msec = 600_000  # background fetch proper never starts here
+
+    def fetched_after(prefetch_order: list[int] | None, cache: Path) -> tuple[set[int], set[int]]:
+        got: set[int] = set()
+
+        def fetch(off: int, n: int) -> bytes:
+            got.add(off)
+            return blob[off:off + n]
+
+        with SpanManager(ztoc, layer, fetch, SpanCache(cache), cfg) as m:
+            heads = m.head_spans()
+            assert len(heads) == 4
+            if prefetch_order is not None:
+                t = m.start_prefetch(prefetch_order)
+                assert t is not None
+                t.join(20)
+            m.start_background_fetch()
+            time.sleep(1.0)
+            return {s for s in range(m.num_spans) if m._c_start[s] in got}, set(heads)
+
+    fetched, heads = fetched_after(None, tmp_path / "a")
+    assert fetched == heads
+    fetched, heads = fetched_after([0], tmp_path / "b")
+    assert fetched == {0}

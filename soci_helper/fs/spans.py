@@ -124,6 +124,7 @@ class SpanManager:
         self._seq_run = 0
         self.last_activity = time.monotonic()
         self._background: object | None = None
+        self._prefetching = False
         self._local = threading.local()
 
     # -- geometry ------------------------------------------------------------
@@ -529,6 +530,7 @@ class SpanManager:
         ids = [s for s in dict.fromkeys(order) if 0 <= s < self.num_spans]
         if not ids or self._closed:
             return None
+        self._prefetching = True
         runs: list[list[int]] = []
         for sid in ids:
             if runs and runs[-1][-1] == sid - 1 and len(runs[-1]) < self.PREFETCH_MERGE:
@@ -583,7 +585,10 @@ class SpanManager:
 
         if self._closed or self.config.background_fetch.disable or self._background is not None:
             return
-        threading.Thread(target=self._fetch_heads, args=(files,), name="soci-heads", daemon=True).start()
+        if not self._prefetching:
+            # A prefetch artifact already lists the heads its workload reads; the others would only
+            # compete with it for the link (python-scipy on 200 Mbit/s: 5.44 -> 5.28 s, 93.1 -> 90.3 MB).
+            threading.Thread(target=self._fetch_heads, args=(files,), name="soci-heads", daemon=True).start()
         bg = BackgroundFetcher(self.config.background_fetch)
         bg.add(self)
         bg.start()
