@@ -462,6 +462,22 @@ def test_prefetch_artifact_validation():
         spans_from_prefetch_artifact(ok, max_span_id=5)
 
 
+def test_read_wait_counts_only_reads_that_waited_for_a_span(tmp_path, layer, blobs):
+    _, off, size = small_file(layer)
+
+    def slow(o: int, n: int) -> bytes:
+        time.sleep(0.05)
+        return blobs.fetch(o, n)
+
+    with manager(layer, tmp_path, slow) as m:
+        assert m.read(off, size) == layer["tar"][off:off + size]
+        waited = m.stats.read_wait_us
+        assert waited >= 50_000
+        assert m.read(off, size) == layer["tar"][off:off + size]  # from the span cache: no wait
+        assert m.stats.read_wait_us == waited
+        assert json.loads(m.stats.to_json())["read_wait_us"] == waited
+
+
 def test_prefetch_artifact_priorities_order_round_trip():
     items = prefetch.from_order([7, 8, 2, 9, 3, 8, 4])
     # Ascending neighbours share a range; each range's priority is its place in the order.

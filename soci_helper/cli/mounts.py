@@ -15,7 +15,7 @@ from typing import Any
 
 ALIVE, DEAD, GONE, STARTING = "alive", "dead", "gone", "starting"
 _COUNTERS = ("bytes_served", "bytes_fetched", "spans_fetched", "cache_hits", "cache_misses", "verify_failures",
-             "read_errors")
+             "read_errors", "read_wait_us")
 
 
 @dataclass(slots=True)

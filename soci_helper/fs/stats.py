@@ -9,7 +9,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-_FIELDS = ("bytes_served", "bytes_fetched", "spans_fetched", "cache_hits", "cache_misses", "verify_failures")
+# read_wait_us: microseconds reads spent waiting for spans to arrive, summed over concurrent reads.
+_FIELDS = ("bytes_served", "bytes_fetched", "spans_fetched", "cache_hits", "cache_misses", "verify_failures",
+           "read_wait_us")
 
 
 class MountStats:
@@ -23,6 +25,7 @@ class MountStats:
         self.cache_hits = 0
         self.cache_misses = 0
         self.verify_failures = 0
+        self.read_wait_us = 0
 
     def add(self, **deltas: int) -> None:
         with self._lock:
