@@ -424,8 +424,9 @@ def test_sequential_reads_fetch_spans_ahead(tmp_path, layer, blobs):
 def test_prefetch_fetches_ranges_and_artifact_spans(tmp_path, layer, blobs):
     files = layer["files"][:: max(1, len(layer["files"]) // 5)][:5]
     with manager(layer, tmp_path, blobs.fetch) as m:
-        m.prefetch([(off, size) for _, off, size in files], timeout=20)
-        want = {s for _, off, size in files for s in m.spans_of(off, size)}
+        order = [s for _, off, size in files for s in m.spans_of(off, size)]
+        m.start_prefetch(order).join(20)
+        want = set(order)
         assert all(m.is_cached(s) for s in want)
         assert m.stats.spans_fetched == len(want) and m.stats.bytes_served == 0
         art = json.dumps({"version": "1.0", "prefetch_spans": [{"start_span": 9, "end_span": 11}]}).encode()

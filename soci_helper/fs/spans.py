@@ -470,17 +470,6 @@ class SpanManager:
 
     # -- prefetch, background ----------------------------------------------------
 
-    def prefetch(self, ranges: list[tuple[int, int]], timeout: float) -> None:
-        """Fetch the spans covering these uncompressed (offset, length) ranges, in that order, and wait for
-        them up to `timeout` s. Best effort: failures and the timeout are logged, never raised."""
-        order = [sid for off, n in ranges for sid in self.spans_of(off, n)]
-        t = self.start_prefetch(order)
-        if t is None:
-            return
-        t.join(timeout)
-        if t.is_alive():
-            log.warning("%s: prefetch of %d spans not done within %.1fs", self.layer, len(set(order)), timeout)
-
     def fetch_span(self, span_id: int, timeout: float | None = None) -> bool:
         """Make sure one span is in the on-disk cache (background fetch). False if it already was."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
