@@ -317,6 +317,38 @@ def test_push_sends_prefetch_artifacts_with_the_index(tmp_path, registry, image,
     assert man.status_code == 200 and man.content == _blob(tmp_path, digest)
     assert "sha256:" + hashlib.sha256(man.content).hexdigest() == digest
     assert _prefetches(json.loads(man.content)) == pre
+    # Discovery into an empty store brings the artifacts along with the zTOCs.
+    fresh = tmp_path / "fresh"
+    soci(fresh, "index", "pull", "--plain-http", pushed)
+    assert {p["digest"] for p in pre.values()} <= _blobs(fresh)
+
+
+def test_discovery_leaves_out_an_artifact_that_is_not_one(tmp_path, registry, image, pushed):
+    """A prefetch blob that is no artifact costs its layer the prefetch, never the index."""
+    from soci_helper.oci.registry import RegistryClient, RegistryOptions
+
+    _create(tmp_path, pushed, "--prefetch-file", "/usr/lib/c.bin", "--prefetch-file", "/usr/share/e.bin")
+    _, doc = _index(tmp_path)
+    soci(tmp_path, "push", "--plain-http", pushed)
+    junk = b'{"version":"9.9","prefetch_spans":[]}'
+    junk_digest = "sha256:" + hashlib.sha256(junk).hexdigest()
+    bad = next(d for d in doc["layers"] if d["mediaType"] == si.PREFETCH_MEDIA_TYPE)
+    good = next(d for d in doc["layers"] if d["mediaType"] == si.PREFETCH_MEDIA_TYPE and d is not bad)
+    bad["digest"], bad["size"] = junk_digest, len(junk)
+    manifest = si.go_json(doc)
+    index_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    client = RegistryClient(registry.host, RegistryOptions(plain_http=True))
+    try:
+        client.push_blob("test/pf", junk_digest, len(junk), junk)
+        client.put_manifest("test/pf", index_digest, manifest, si.MEDIA_TYPE_OCI_MANIFEST)
+    finally:
+        client.close()
+    fresh = tmp_path / "fresh"
+    r = soci(fresh, "index", "pull", "--plain-http", "--soci-index-digest", index_digest, pushed)
+    assert f"prefetch artifact {junk_digest}" in r.stderr and "left out" in r.stderr
+    held = _blobs(fresh)
+    assert junk_digest not in held and good["digest"] in held
+    assert all(z["digest"] in held for z in doc["layers"] if z["mediaType"] == si.ZTOC_MEDIA_TYPE)
 
 
 @pytest.mark.parametrize("where", ["oci", "registry"])
