@@ -226,9 +226,9 @@ def test_prefetch_files_map_to_the_copy_the_merged_view_shows(tmp_path, image):
     assert out.index(pf_lines[0]) > max(ztoc_lines)
     assert "prefetch: 3 of 8 paths are in no indexed layer" in out
     warned = [ln for ln in r.stderr.splitlines() if "WARNING" in ln]
-    assert len(warned) == 3
+    assert len(warned) == 1 and "3 of 8 items are in no indexed layer" in warned[0]
     for p in ("usr/lib/b.bin", "/opt/old/d.bin", "/no/such/file"):
-        assert sum(p in ln for ln in warned) == 1
+        assert p in warned[0]
 
     # Reused zTOCs are read back from the store: the same artifacts and the same index.
     again = _create(tmp_path, image["ref"], *args).stdout

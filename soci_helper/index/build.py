@@ -188,8 +188,12 @@ class IndexBuilder:
 
         items = self.opts.prefetch
         plan = plan_spans(items, [(z.layer_digest, loader(z)) for z in reversed(ztocs)])
-        for it in plan.missing:
-            log.warning("prefetch: %s is in no indexed layer; skipped", it.path)
+        if plan.missing:
+            # One line, not one per item: a recorded load order lists every segment read from a small,
+            # unindexed layer.
+            shown = list(dict.fromkeys(it.path for it in plan.missing))
+            log.warning("prefetch: %d of %d items are in no indexed layer, skipped: %s%s", len(plan.missing),
+                        len(items), ", ".join(shown[:5]), f" and {len(shown) - 5} more paths" if len(shown) > 5 else "")
         out: list[PrefetchResult] = []
         for z in ztocs:
             # pop: a layer listed twice in the manifest gets one artifact, as it has one zTOC.
