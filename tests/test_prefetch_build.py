@@ -131,7 +131,7 @@ def _members(tar: Path) -> dict[str, tarfile.TarInfo]:
 
 
 def _span_starts(ztoc_blob: bytes) -> list[int]:
-    """The uncompressed offset of every checkpoint, read straight from the checkpoint blob (DESIGN 3.2)."""
+    """The uncompressed offset of every checkpoint, read straight from the checkpoint blob."""
     cp = codec.decode(ztoc_blob).checkpoints
     count, span = struct.unpack_from("<iq", cp, 0)
     assert span == SPAN and len(cp) == 12 + count * 32785

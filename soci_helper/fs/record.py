@@ -1,4 +1,4 @@
-"""What a mount's readers read, in order: the raw material of a load-order document (DESIGN 3.4)."""
+"""What a mount's readers read, in order: the raw material of a load-order document."""
 
 from __future__ import annotations
 
