@@ -217,3 +217,29 @@ def test_with_a_prefetch_artifact_the_heads_of_big_files_are_left_to_it(tmp_path
     assert fetched == heads
     fetched, heads = fetched_after([0], tmp_path / "b")
     assert fetched == {0}
+
+
+def test_a_read_record_merges_continuations_and_stops_at_its_cap(monkeypatch):
+    from soci_helper.fs import record
+    from soci_helper.fs.inodes import InodeTable
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ("a/one", "a/b/two", "three"):
+            data = os.urandom(50_000)
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    table = InodeTable(build_ztoc(iter([gzip.compress(buf.getvalue())]), "gzip", 1 << 20, "test"))
+    ino = {p: table.resolve(p).ino for p in ("a/one", "a/b/two", "three")}  # type: ignore[union-attr]
+    monkeypatch.setattr(record, "MAX_SEGMENTS", 3)
+    rec = record.ReadRecorder()
+    rec.add(ino["a/b/two"], 0, 4096)
+    rec.add(ino["a/b/two"], 4096, 8192)  # continues the segment
+    rec.add(ino["a/one"], 8192, 100)
+    rec.add(ino["a/b/two"], 1000, 10)  # inside what was read
+    rec.add(ino["three"], 0, 10)
+    rec.add(ino["a/one"], 40_000, 10)  # past the cap
+    assert rec.full
+    reads = [(r["path"], r["offset"], r["length"]) for r in rec.document(table)["reads"]]
+    assert reads == [("/a/b/two", 0, 12288), ("/a/one", 8192, 100), ("/three", 0, 10)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -10,6 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .inodes import InodeTable
+
+log = logging.getLogger(__name__)
+
+# A start reads a few thousand segments (python-scipy: 1,065); a server left recording for days must not
+# grow without bound, nor rewrite ever bigger records.
+MAX_SEGMENTS = 100_000
 
 
 class ReadRecorder:
@@ -25,7 +32,9 @@ class ReadRecorder:
         # [inode, start, end, seconds since the mount started serving], in first-read order.
         self.segments: list[list[Any]] = []
         self._last: dict[int, list[Any]] = {}
+        self._paths: dict[int, str] = {}  # resolved once, kept for the saves that follow
         self.changed = False
+        self.full = False
 
     def add(self, ino: int, off: int, n: int) -> None:
         seg = self._last.get(ino)
@@ -35,6 +44,11 @@ class ReadRecorder:
                 seg[2] = end
                 self.changed = True
             return
+        if len(self.segments) >= MAX_SEGMENTS:
+            if not self.full:
+                self.full = True
+                log.warning("read record full at %d segments; later reads are not recorded", MAX_SEGMENTS)
+            return
         seg = [ino, off, end, round(time.monotonic() - self._t0, 4)]
         self.segments.append(seg)
         self._last[ino] = seg
@@ -42,7 +56,10 @@ class ReadRecorder:
 
     def document(self, table: InodeTable) -> dict[str, Any]:
         """{"started": epoch seconds, "reads": [{"path", "offset", "length", "t"}]}, paths from the layer root."""
-        paths = _paths(table, {s[0] for s in self.segments})
+        new = {s[0] for s in self.segments} - self._paths.keys()
+        if new:
+            self._paths.update(_paths(table, new))
+        paths = self._paths
         reads = [{"path": paths[ino], "offset": a, "length": b - a, "t": t}
                  for ino, a, b, t in self.segments if ino in paths]
         return {"started": self.started, "reads": reads}
