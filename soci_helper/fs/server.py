@@ -562,7 +562,8 @@ class LayerServer:
             log.warning("could not save the read record: %s", exc.strerror or exc)
 
     def _start_prefetch(self) -> None:
-        """Fetch the prefetch artifact's spans in its order. A bad artifact costs the prefetch, not the mount."""
+        """Fetch the prefetch artifact's spans in its order. A missing or bad artifact costs the prefetch, not
+        the mount: a layer mounted again after a restart must not fail because its artifact was removed since."""
         start = getattr(self.reader, "start_prefetch", None)
         if not self.spec.prefetch_digest or start is None:
             return

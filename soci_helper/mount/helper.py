@@ -377,12 +377,6 @@ def start_server(req: MountRequest, ztoc_digest: str, image_ref: str, timeout: f
     raise MountError(f"cannot mount {req.source} at {req.mountpoint}: {why} (log: {log_file})")
 
 
-def _store_has(root: str, digest: str) -> bool:
-    from ..store.content import ContentStore
-
-    return ContentStore(root).has(digest)
-
-
 def mount(req: MountRequest, prebuild: bool = False, spare: Spare | None = None) -> MountResult | None:
     """Mount one layer; returns once the mount answers. Raises MountError (one line) on any failure.
 
@@ -393,8 +387,6 @@ def mount(req: MountRequest, prebuild: bool = False, spare: Spare | None = None)
             raise MountError(f"mount point {req.mountpoint} does not exist or is not a directory")
         cfg = config_mod.load(req.config_path) if req.config_path else config_mod.load()
         ztoc_digest, image_ref = find_ztoc(req)
-        if req.prefetch_digest and not _store_has(req.root, req.prefetch_digest):
-            raise MountError(f"prefetch artifact {req.prefetch_digest} is not in the local store at {req.root}")
         if req.fake:
             return None
         return start_server(req, ztoc_digest, image_ref, float(cfg.mount_timeout_sec), prebuild, spare)
