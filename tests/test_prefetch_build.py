@@ -439,3 +439,22 @@ def test_plan_spans_follows_overlay_rules_and_loads_only_what_it_needs():
     loaded.clear()
     assert plan_spans(items[1:2], [("up", load("up", upper)), ("lo", load("lo", lower))]).spans == {"up": [31]}
     assert loaded == ["up"]
+
+
+def test_prefetch_list_and_info_show_what_the_indexes_hold(tmp_path, image):
+    _create(tmp_path, image["ref"], "--prefetch-file", "/usr/lib/c.bin", "--prefetch-file", "/usr/share/e.bin")
+    digest, doc = _index(tmp_path)
+    pre = _prefetches(doc)
+    rows = [ln.split() for ln in soci(tmp_path, "prefetch", "list").stdout.splitlines()[1:]]
+    assert sorted((r[0], r[2], int(r[3]), r[4]) for r in rows) == sorted(
+        (p["digest"], layer, len(_order(tmp_path, p)), digest) for layer, p in pre.items())
+    assert sorted(soci(tmp_path, "prefetch", "ls", "-q").stdout.split()) == sorted(p["digest"] for p in pre.values())
+    layer, p = next(iter(pre.items()))
+    info = json.loads(soci(tmp_path, "prefetch", "info", p["digest"][7:19]).stdout)
+    assert info["digest"] == p["digest"] and info["layer_digest"] == layer and info["index"] == digest
+    want = pf.decode(_blob(tmp_path, p["digest"]))
+    assert info["prefetch_spans"] == [{"start_span": s.start, "end_span": s.end, "priority": s.priority}
+                                      for s in want]
+    assert info["total_spans"] == len(_order(tmp_path, p))
+    missing = one_error_line(soci(tmp_path, "prefetch", "info", "ffff0000", ok=False))
+    assert "no prefetch artifact ffff0000" in missing

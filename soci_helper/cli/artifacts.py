@@ -9,7 +9,7 @@ import os
 import sys
 from datetime import UTC, datetime
 
-from ..errors import SociError
+from ..errors import NotFound, SociError
 from ..index import ops
 from ..index import soci_index as si
 from ..index.build import BuildOptions, IndexBuilder, IndexResult
@@ -17,6 +17,7 @@ from ..index.convert import convert
 from ..index.loadorder import item_for_path, read_document
 from ..oci.source import open_source, select_images
 from ..store.artifacts import TYPE_INDEX, TYPE_ZTOC
+from ..ztoc import prefetch as prefetch_mod
 from ..ztoc.info import describe
 from ..ztoc.reader import LayerReader
 from .common import source_options
@@ -191,6 +192,43 @@ def cmd_ztoc_get_file(args: argparse.Namespace, store: ops.Store) -> int:
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
+    return 0
+
+
+def _prefetch_digest(store: ops.Store, prefix: str) -> tuple[si.PrefetchRef, str]:
+    hexp = prefix.removeprefix("sha256:")
+    hits = [(p, idx) for p, idx in store.prefetches() if hexp and p.digest[7:].startswith(hexp)]
+    if not hits:
+        raise NotFound(f"no prefetch artifact {prefix} in the local store")
+    if len(hits) > 1:
+        raise SociError(f"{prefix} names {len(hits)} prefetch artifacts; give more of the digest")
+    return hits[0]
+
+
+def cmd_prefetch_list(args: argparse.Namespace, store: ops.Store) -> int:
+    found = store.prefetches()
+    if args.quiet:
+        for p, _ in found:
+            print(p.digest)
+        return 0
+    rows = [["DIGEST", "SIZE", "LAYER DIGEST", "SPANS", "INDEX"]]
+    for p, index in found:
+        spans = len(prefetch_mod.fetch_order(store.load_prefetch(p.digest)))
+        rows.append([p.digest, str(p.size), p.layer_digest, str(spans), index])
+    _table(rows)
+    return 0
+
+
+def cmd_prefetch_info(args: argparse.Namespace, store: ops.Store) -> int:
+    ref, index = _prefetch_digest(store, args.digest)
+    items = store.load_prefetch(ref.digest)
+    doc = {
+        "digest": ref.digest, "size": ref.size, "layer_digest": ref.layer_digest, "index": index,
+        "version": prefetch_mod.PREFETCH_ARTIFACT_VERSION,
+        "prefetch_spans": [{"start_span": p.start, "end_span": p.end, "priority": p.priority} for p in items],
+        "total_spans": len(prefetch_mod.fetch_order(items)),
+    }
+    print(json.dumps(doc, indent=2))
     return 0
 
 

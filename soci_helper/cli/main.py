@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_flags(c)
     c.set_defaults(func=_artifacts("cmd_ztoc_get_file"))
 
+    pf = sub.add_parser("prefetch", help="inspect the prefetch artifacts of the local store's indexes")
+    psub = pf.add_subparsers(dest="prefetch_command", metavar="COMMAND", required=True)
+    c = psub.add_parser("list", aliases=["ls"], help="list prefetch artifacts with their layer and span count")
+    c.add_argument("-q", "--quiet", action="store_true", help="digests only")
+    c.set_defaults(func=_artifacts("cmd_prefetch_list"))
+    c = psub.add_parser("info", help="print a prefetch artifact's span ranges and priorities as JSON")
+    c.add_argument("digest", metavar="DIGEST")
+    c.set_defaults(func=_artifacts("cmd_prefetch_info"))
+
     c = sub.add_parser("rebuild-db", help="rebuild the artifacts database from the blobs in the store")
     c.set_defaults(func=_artifacts("cmd_rebuild_db"))
 

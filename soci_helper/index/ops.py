@@ -11,8 +11,9 @@ from ..errors import NotFound, SociError
 from ..oci.manifest import Descriptor
 from ..store.artifacts import TYPE_INDEX, TYPE_ZTOC, ArtifactEntry, ArtifactsDB
 from ..store.content import ContentStore
-from ..ztoc import codec
+from ..ztoc import codec, prefetch
 from ..ztoc.model import Ztoc
+from ..ztoc.prefetch import PrefetchSpan
 from . import soci_index as si
 
 if TYPE_CHECKING:
@@ -47,6 +48,26 @@ class Store:
 
     def load_index(self, digest: str) -> si.SociIndex:
         return si.parse(self.content.read(digest), f"SOCI index {digest}")
+
+    def prefetches(self) -> list[tuple[si.PrefetchRef, str]]:
+        """Prefetch artifacts held here, each with an index that lists it (the database does not track
+        them: they are found through the indexes, as push and index rm find them)."""
+        out: dict[str, tuple[si.PrefetchRef, str]] = {}
+        for e in self.db.indexes():
+            if not self.content.has(e.digest):
+                continue
+            try:
+                index = self.load_index(e.digest)
+            except SociError as exc:
+                log.warning("%s", exc)
+                continue
+            for p in index.prefetches:
+                if p.digest not in out and self.content.has(p.digest):
+                    out[p.digest] = (p, e.digest)
+        return list(out.values())
+
+    def load_prefetch(self, digest: str) -> list[PrefetchSpan]:
+        return prefetch.decode(self.content.read(digest))
 
     def resolve_digest(self, prefix: str, type_: str) -> str:
         """Accept a full digest, or an unambiguous prefix of its hex part as upstream users type it."""
