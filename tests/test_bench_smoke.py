@@ -70,6 +70,25 @@ def test_suite_smoke(modes: list[str], tmp_path: Path, capsys: pytest.CaptureFix
         assert str(state).encode() not in argv, argv
 
 
+def test_load_order_mode_of_an_image_without_lazy_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          request: pytest.FixtureRequest) -> None:
+    """busybox under the default minimum layer size has nothing to index: the recording start reads no lazy
+    layer, and the mode still runs, as a plain v2 conversion."""
+    if why := suite.lazy_support():
+        pytest.skip(f"SOCI lazy modes: {why}")
+    pytest.importorskip("matplotlib")
+    state = Path(tempfile.mkdtemp(prefix="sbt-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(state, ignore_errors=True))
+    rc = suite.main(["--workloads", "busybox", "--modes", "full,soci-v2-prefetch", "--net", "loopback", "--runs",
+                     "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--state-dir",
+                     str(state)])
+    assert rc == 0
+    assert "load order of 0 segments" in capsys.readouterr().err
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    row = next(r for r in doc["results"] if r["mode"] == "soci-v2-prefetch")
+    assert row["errors"] == [] and row["runs"][0]["ready_s"] > 0
+
+
 def test_suite_options_count_before_or_after_the_action():
     from soci_helper.bench.suite import build_parser
 
