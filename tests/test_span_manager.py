@@ -27,7 +27,7 @@ from soci_helper.store.spancache import SpanCache
 from soci_helper.ztoc import prefetch
 from soci_helper.ztoc.builder import build_ztoc
 from soci_helper.ztoc.model import Ztoc
-from soci_helper.ztoc.prefetch import PrefetchArtifactError, spans_from_prefetch_artifact
+from soci_helper.ztoc.prefetch import PrefetchArtifactError
 
 SPAN = 1 << 20
 REPO = "test/spans"
@@ -430,7 +430,7 @@ def test_prefetch_fetches_ranges_and_artifact_spans(tmp_path, layer, blobs):
         assert all(m.is_cached(s) for s in want)
         assert m.stats.spans_fetched == len(want) and m.stats.bytes_served == 0
         art = json.dumps({"version": "1.0", "prefetch_spans": [{"start_span": 9, "end_span": 11}]}).encode()
-        m.start_prefetch(spans_from_prefetch_artifact(art, m.num_spans - 1)).join(20)
+        m.start_prefetch(prefetch.fetch_order(prefetch.decode(art, m.num_spans - 1))).join(20)
         assert all(m.is_cached(s) for s in (9, 10, 11))
         requests = len(blobs.requests())
         for _, off, size in files:
@@ -438,11 +438,15 @@ def test_prefetch_fetches_ranges_and_artifact_spans(tmp_path, layer, blobs):
         assert len(blobs.requests()) == requests
 
 
+def spans_listed(data: bytes, max_span_id: int | None = None) -> list[int]:
+    return sorted(prefetch.fetch_order(prefetch.decode(data, max_span_id)))
+
+
 def test_prefetch_artifact_validation():
     ok = b'{"version":"1.0","prefetch_spans":[{"start_span":3,"end_span":5},{"start_span":0,"end_span":0},' \
          b'{"start_span":4,"end_span":6}]}'
-    assert spans_from_prefetch_artifact(ok) == [0, 3, 4, 5, 6]
-    assert spans_from_prefetch_artifact(b'{"version":"1.0","prefetch_spans":[]}') == []
+    assert spans_listed(ok) == [0, 3, 4, 5, 6]
+    assert spans_listed(b'{"version":"1.0","prefetch_spans":[]}') == []
     bad = [
         b"not json",
         b"[]",
@@ -458,9 +462,9 @@ def test_prefetch_artifact_validation():
     ]
     for data in bad:
         with pytest.raises(PrefetchArtifactError):
-            spans_from_prefetch_artifact(data)
+            spans_listed(data)
     with pytest.raises(PrefetchArtifactError, match="last is 5"):
-        spans_from_prefetch_artifact(ok, max_span_id=5)
+        spans_listed(ok, max_span_id=5)
 
 
 def test_read_wait_counts_only_reads_that_waited_for_a_span(tmp_path, layer, blobs):

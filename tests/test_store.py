@@ -162,3 +162,20 @@ def test_artifacts_db_of_an_older_version_gains_the_head_span_column(tmp_path):
     finally:
         db.close()
     ArtifactsDB(path).close()  # opening a migrated database again is a no-op
+
+
+def test_write_atomically_leaves_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
+    from soci_helper.store import atomic
+
+    target = tmp_path / "state.json"
+    atomic.write_atomically(target, "old\n", mode=0o600)
+    assert target.read_text() == "old\n" and (target.stat().st_mode & 0o777) == 0o600
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "replace", no_space)
+    with pytest.raises(OSError):
+        atomic.write_atomically(target, b"new\n")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temporary file left behind

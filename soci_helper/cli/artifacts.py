@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import UTC, datetime
 
@@ -17,6 +16,7 @@ from ..index.convert import convert
 from ..index.loadorder import item_for_path, read_document
 from ..oci.source import open_source, select_images
 from ..store.artifacts import TYPE_INDEX, TYPE_ZTOC
+from ..store.atomic import write_atomically
 from ..ztoc import prefetch as prefetch_mod
 from ..ztoc.info import describe
 from ..ztoc.reader import LayerReader
@@ -185,10 +185,7 @@ def cmd_ztoc_get_file(args: argparse.Namespace, store: ops.Store) -> int:
     fetch = ops.layer_fetcher(store, digest, args.image, source_options(args))
     data = LayerReader(ztoc, fetch, f"layer of ztoc {digest}").read_file(args.path)
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, args.output)
+        write_atomically(args.output, data)
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()

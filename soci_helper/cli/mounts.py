@@ -151,9 +151,9 @@ def cmd_mounts_reads(args: argparse.Namespace, store: object = None) -> int:
         return 1
     text = json.dumps(load_order(records), indent=1) + "\n"
     if args.output and args.output != "-":
-        tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.output)
+        from ..store.atomic import write_atomically
+
+        write_atomically(args.output, text)
     else:
         sys.stdout.write(text)
     return 0

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..store.atomic import write_atomically
 
 if TYPE_CHECKING:
     from .inodes import InodeTable
@@ -66,10 +67,7 @@ class ReadRecorder:
 
     def save(self, path: Path, table: InodeTable, extra: dict[str, Any]) -> None:
         """Write the document next to the mount's state file (temporary file, then rename)."""
-        doc = {**extra, **self.document(table)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc, separators=(",", ":")))
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps({**extra, **self.document(table)}, separators=(",", ":")))
         self.changed = False
 
 

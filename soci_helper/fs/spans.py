@@ -190,20 +190,18 @@ class SpanManager:
             parts.append(part)
             hits += from_disk
         missing = [sid for sid, part in zip(ids, parts, strict=True) if part is None]
-        waited = 0
-        if missing:
-            t0 = time.monotonic()
-            got = self._request(missing, deadline, remember=True)
-            self._maybe_read_ahead(offset, end, ids[-1], deadline, ahead_limit)
-            for k, sid in enumerate(ids):
-                if parts[k] is None:
-                    parts[k] = self._loaded(sid, got[sid], offset, end, deadline)
-            waited = int((time.monotonic() - t0) * 1e6)
-        else:
-            self._maybe_read_ahead(offset, end, ids[-1], deadline, ahead_limit)
+        t0 = time.monotonic() if missing else 0.0
+        got = self._request(missing, deadline, remember=True) if missing else {}
+        self._maybe_read_ahead(offset, end, ids[-1], deadline, ahead_limit)
+        for k, sid in enumerate(ids):
+            if parts[k] is None:
+                parts[k] = self._loaded(sid, got[sid], offset, end, deadline)
         out = parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
         assert out is not None
-        self.stats.add(bytes_served=len(out), cache_hits=hits, read_wait_us=waited)
+        if missing:
+            self.stats.add(bytes_served=len(out), cache_hits=hits, read_wait_us=int((time.monotonic() - t0) * 1e6))
+        else:
+            self.stats.add(bytes_served=len(out), cache_hits=hits)
         return out
 
     def _slice(self, sid: int, offset: int, end: int) -> tuple[int, int]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+from ..store.atomic import write_atomically
 
 # read_wait_us: microseconds reads spent waiting for spans to arrive, summed over concurrent reads.
 _FIELDS = ("bytes_served", "bytes_fetched", "spans_fetched", "cache_hits", "cache_misses", "verify_failures",
@@ -48,23 +49,8 @@ class MountStats:
         """Write `to_json()` to `path` via a temp file and rename, so readers never see half a file."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json(**extra) + "\n")
-            os.replace(tmp, target)
-        except BaseException:
-            with _suppress_oserror():
-                os.unlink(tmp)
-            raise
+        write_atomically(target, self.to_json(**extra) + "\n", mode=0o600)
 
     def __repr__(self) -> str:
         return f"MountStats({self.snapshot()})"
 
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ: object, exc: object, tb: object) -> bool:
-        return isinstance(exc, OSError)

@@ -79,12 +79,8 @@ def convert(
             on_index(result)
         for blob in [image.manifest.config, *image.manifest.layers]:
             _copy_blob(src, dst, blob)
-        for z in result.index.ztocs:
-            dst.push_blob(Descriptor(media_type=si.ZTOC_MEDIA_TYPE, digest=z.digest, size=z.size),
-                          str(store.content.path(z.digest)))
-        for p in result.index.prefetches:
-            dst.push_blob(Descriptor(media_type=si.PREFETCH_MEDIA_TYPE, digest=p.digest, size=p.size),
-                          str(store.content.path(p.digest)))
+        for _, media_type, digest, size in result.index.blobs():
+            dst.push_blob(Descriptor(media_type=media_type, digest=digest, size=size), str(store.content.path(digest)))
         empty = Descriptor(media_type=si.ARTIFACT_TYPE_V2, digest=si.EMPTY_CONFIG_DIGEST, size=len(si.EMPTY_CONFIG))
         if not dst.has_blob(empty):
             dst.push_blob(empty, si.EMPTY_CONFIG)

@@ -15,7 +15,7 @@ from ..oci.manifest import parse_index
 from ..oci.registry import RegistryClient
 from ..oci.source import ImageManifestInfo, RegistrySource, SourceOptions, open_source, select_manifests
 from ..store.artifacts import TYPE_INDEX, TYPE_ZTOC, ArtifactEntry
-from ..ztoc import codec
+from ..ztoc import codec, prefetch
 from . import soci_index as si
 from .ops import Store
 
@@ -232,8 +232,6 @@ MAX_PREFETCH_ARTIFACT = 4 << 20
 def _fetch_prefetches(client: RegistryClient, repo: str, index: si.SociIndex, store: Store, where: str) -> list[str]:
     """Fetch the index's prefetch artifacts. They only speed a start up: one that cannot be fetched or
     read is left out with a warning (its layer mounts without it), never a reason to fail discovery."""
-    from ..ztoc import prefetch
-
     out = []
     for p in index.prefetches:
         try:

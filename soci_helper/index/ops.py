@@ -89,7 +89,7 @@ class Store:
             raise NotFound(f"no index {digest} in the local store")
         removed = [digest]
         try:
-            mine = _blobs_of(self.load_index(digest))
+            mine = {d for _, _, d, _ in self.load_index(digest).blobs()}
         except SociError:
             mine = set()
         self.db.remove(digest)
@@ -97,7 +97,7 @@ class Store:
         still_used: set[str] = set()
         for other in self.db.indexes():
             try:
-                still_used |= _blobs_of(self.load_index(other.digest))
+                still_used |= {d for _, _, d, _ in self.load_index(other.digest).blobs()}
             except SociError:
                 continue
         for z in sorted(mine - still_used):
@@ -193,11 +193,6 @@ class Store:
         if doc.get("variant"):
             parts.append(doc["variant"])
         return "/".join(str(p) for p in parts if p)
-
-
-def _blobs_of(index: si.SociIndex) -> set[str]:
-    """The blobs an index lists besides its config: zTOCs and prefetch artifacts."""
-    return {z.digest for z in index.ztocs} | {p.digest for p in index.prefetches}
 
 
 def layer_fetcher(store: Store, ztoc_digest: str, image: str | None, opts: SourceOptions) -> Fetch:

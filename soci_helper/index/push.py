@@ -187,9 +187,7 @@ def _push_index(client: RegistryClient, repo: str, store: Store, entry: Artifact
         raise si.IndexFormatError(f"SOCI index {entry.digest}: its subject is not image manifest "
                                   f"{image.descriptor.digest}; rebuild it with `soci create`")
     say("index", entry.digest)
-    blobs = [("zTOC", z.digest, z.size, si.ZTOC_MEDIA_TYPE) for z in index.ztocs]
-    blobs += [("prefetch artifact", p.digest, p.size, si.PREFETCH_MEDIA_TYPE) for p in index.prefetches]
-    for what, digest, size, media_type in blobs:
+    for what, media_type, digest, size in index.blobs():
         if not store.content.has(digest):
             raise NotFound(f"SOCI index {entry.digest}: {what} {digest} is not in the local store; "
                            "rebuild it with `soci create -f`")

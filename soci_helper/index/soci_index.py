@@ -71,6 +71,13 @@ class SociIndex:
                 return z
         return None
 
+    def blobs(self) -> list[tuple[str, str, str, int]]:
+        """(what, media type, digest, size) of each blob the index lists besides its config: the zTOCs, then
+        the prefetch artifacts, in the index's order (what push and convert upload, and index rm removes)."""
+        out = [("zTOC", ZTOC_MEDIA_TYPE, z.digest, z.size) for z in self.ztocs]
+        out += [("prefetch artifact", PREFETCH_MEDIA_TYPE, p.digest, p.size) for p in self.prefetches]
+        return out
+
     def prefetch_for_layer(self, layer_digest: str) -> PrefetchRef | None:
         for p in self.prefetches:
             if p.layer_digest == layer_digest:

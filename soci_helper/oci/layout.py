@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import digest as _digest
 from ..errors import DigestError, NotFound, ReferenceError_
+from ..store.atomic import write_atomically
 from . import mediatype as mt
 from .manifest import ANNOTATION_REF_NAME, Descriptor, ImageIndex, ManifestError, canonical_json, parse_index
 
@@ -183,18 +184,7 @@ class OCILayout(_LayoutReader):
         return self.root / _blob_relpath(digest)
 
     def _atomic_write(self, relpath: str, data: bytes) -> None:
-        target = self.root / relpath
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(self.root / relpath, data, mode=0o600, fsync=True)
 
     def write_blob(self, data: bytes | str | Path | Iterable[bytes], digest: str | None = None) -> Descriptor:
         """Add a blob atomically (temp file + rename); verify it against `digest` when given.

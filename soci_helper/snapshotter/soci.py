@@ -35,7 +35,7 @@ from ..oci.reference import Reference, parse_reference
 from ..oci.registry import RegistryClient, RegistryOptions, get_client
 from ..oci.source import ImageManifestInfo, SourceOptions, open_source, read_config, select_manifests
 from ..store.artifacts import TYPE_INDEX
-from ..store.content import ContentStore
+from ..store.atomic import write_atomically
 from .metadata import SnapshotInvalid, SnapshotPrecondition, Usage
 from .remote import LayerRequest, RemoteLayer, lazy_unmount
 from .unpack import unpack_blob
@@ -197,9 +197,7 @@ class SociDecider:
         if config_path is None:
             # Layer servers read their own config file; give them exactly the daemon's settings.
             config_path = str(sroot / "layer-server.toml")
-            tmp = Path(config_path + ".tmp")
-            tmp.write_text(config_mod.to_toml(self.config))
-            os.replace(tmp, config_path)
+            write_atomically(config_path, config_mod.to_toml(self.config))
         self.config_path = config_path
         self.table = MountTable(sroot / "metadata.db")
         self._lock = threading.Lock()
@@ -462,13 +460,13 @@ class SociDecider:
     def _mount(self, req: LayerRequest, info: ImageInfo, desc: Descriptor, z: si.ZtocRef,
                more: bool = False, prefetch: str = "") -> RemoteLayer:
         """Mount the layer lazily; `more`: later layers of the image will be mounted too; `prefetch`: the
-        index's prefetch artifact for the layer (left out if discovery could not fetch it)."""
+        index's prefetch artifact for the layer (one discovery could not fetch is the server's to skip)."""
         ref = info.reference
         source = f"{ref.registry}/{ref.repository}@{desc.digest}"
         opts = ["ro", f"ztoc={z.digest}", f"root={self.root}", f"config={self.config_path}"]
         if self._plain_http(ref.registry):
             opts.append("plain_http")
-        if prefetch and ContentStore(self.root).has(prefetch):
+        if prefetch:
             opts.append(f"prefetch={prefetch}")
         options = ",".join(opts)
         mountpoint = str(req.mountpoint)

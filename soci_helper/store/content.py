@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .. import digest as dg
 from ..errors import DigestError, NotFound, StoreError
+from .atomic import write_atomically
 
 if TYPE_CHECKING:
     from filelock import FileLock
@@ -154,12 +155,4 @@ class ContentStore:
                 return False
 
     def _atomic_small_write(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, data, mode=0o600)

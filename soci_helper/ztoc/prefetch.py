@@ -97,8 +97,3 @@ def from_order(span_ids: Iterable[int]) -> list[PrefetchSpan]:
         else:
             ranges.append([sid, sid])
     return [PrefetchSpan(a, b, k) for k, (a, b) in enumerate(ranges)]
-
-
-def spans_from_prefetch_artifact(data: bytes, max_span_id: int | None = None) -> list[int]:
-    """Every span id an artifact lists, sorted, each once."""
-    return sorted(fetch_order(decode(data, max_span_id)))
